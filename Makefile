@@ -1,0 +1,33 @@
+# Two commands: `make test` and `make demo`. Both create .venv, install, and start what they need.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+SHELL  := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+.PHONY: install services lint test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check -e '.[test]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PY) -c "import prefect, redis, sqlalchemy, kubernetes, httpx, pytest"
+	touch $@
+
+install: $(VENV)/.installed
+
+services:
+	bash deployments/ensure-services.sh
+
+lint: install
+	$(VENV)/bin/ruff check flows tasks deployments sandbox bench tests
+
+test: install services lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	NEED_POSTGRES=0 bash deployments/ensure-services.sh
+	$(PY) -m deployments.demo
+
+clean:
+	rm -rf $(VENV) .fd-demo

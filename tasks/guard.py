@@ -1,0 +1,148 @@
+"""The guard every mutating task asks first: dry run, kill switch, per-target cooldown, blast-radius budget.
+
+A refusal is a reported outcome (``Verdict.allowed is False`` with a reason), never a crash. Budgets are
+Prefect global concurrency limits used as rate limits (slot decay), created on first use and acquired with
+``strict=True`` so a missing limit can never silently allow everything.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from tasks.connections import redis_client
+from tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Verdict(BaseModel):
+    """Whether a mutating step may act, and why (shown in reports)."""
+
+    allowed: bool
+    reason: str
+    dry_run: bool = False
+
+    @property
+    def refused(self) -> bool:
+        return not self.allowed
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A blast-radius budget: at most ``limit`` actions per ``per_seconds`` (a decaying Prefect limit)."""
+
+    name: str
+    limit: int
+    per_seconds: float
+
+    @property
+    def slot_decay_per_second(self) -> float:
+        return self.limit / self.per_seconds if self.limit else 0.0
+
+
+def pod_deletion_budget(settings: Settings) -> Budget:
+    return Budget(name="fd-budget-pod-deletions", limit=settings.pod_deletions_per_hour, per_seconds=3600)
+
+
+def llm_failover_budget(settings: Settings) -> Budget:
+    return Budget(name="fd-budget-llm-failover", limit=settings.failovers_per_15_min, per_seconds=900)
+
+
+def is_truthy(value: object) -> bool:
+    """Interpret a Prefect Variable's value as a switch (true, "true", "1", "yes", "on")."""
+    if isinstance(value, str):
+        return value.strip().lower() in {"true", "1", "yes", "on", "paused"}
+    return bool(value)
+
+
+def kill_switch_engaged(*, settings: Settings) -> bool:
+    """True when the kill-switch Prefect Variable is set: every mutating step must refuse."""
+    from prefect.variables import Variable
+
+    return is_truthy(Variable.get(settings.kill_switch_variable, default=False))
+
+
+def may_remove_worker(*, ready_workers: int, min_healthy_workers: int) -> bool:
+    """Pure rule: removing one Ready worker must leave at least ``min_healthy_workers`` Ready."""
+    return ready_workers - 1 >= min_healthy_workers
+
+
+def _cooldown_key(settings: Settings, action: str, target: str) -> str:
+    return f"{settings.state_prefix}:cooldown:{action}:{target}"
+
+
+def ensure_budget(budget: Budget) -> None:
+    """Create the budget's global concurrency limit if it does not exist yet (idempotent)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(budget.name)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(
+                    name=budget.name, limit=budget.limit, slot_decay_per_second=budget.slot_decay_per_second
+                )
+            )
+
+
+def _spend(budget: Budget) -> bool:
+    """Take one slot of the budget now, or return False if it is exhausted."""
+    from prefect.concurrency.sync import rate_limit
+
+    if budget.limit <= 0:
+        return False
+    ensure_budget(budget)
+    try:
+        rate_limit(budget.name, occupy=1, timeout_seconds=2, strict=True)
+    except TimeoutError:
+        return False
+    return True
+
+
+def check(
+    *,
+    action: str,
+    target: str,
+    dry_run: bool,
+    settings: Settings,
+    budget: Budget | None = None,
+    cooldown_s: int | None = None,
+) -> Verdict:
+    """Ask whether ``action`` on ``target`` may happen now; on yes, the cooldown and budget are spent.
+
+    Order: kill switch, dry run, cooldown (so repeated alerts do not spend budget), budget.
+    """
+    what = f"{action} {target}"
+    if kill_switch_engaged(settings=settings):
+        return Verdict(allowed=False, reason=f"refused: kill switch `{settings.kill_switch_variable}` is on")
+    if dry_run:
+        return Verdict(allowed=False, dry_run=True, reason=f"dry run: would {what}")
+    cooldown = settings.target_cooldown_s if cooldown_s is None else cooldown_s
+    key = _cooldown_key(settings, action, target)
+    client = redis_client(settings)
+    if cooldown > 0 and not client.set(key, "1", nx=True, ex=cooldown):
+        ttl = client.ttl(key)
+        return Verdict(allowed=False, reason=f"refused: {what} already done recently (cooldown, {ttl}s left)")
+    if budget is not None and not _spend(budget):
+        if cooldown > 0:
+            client.delete(key)
+        return Verdict(
+            allowed=False,
+            reason=f"refused: budget `{budget.name}` exhausted ({budget.limit} per {budget.per_seconds:g}s)",
+        )
+    return Verdict(allowed=True, reason=f"allowed: {what}")
+
+
+def refuse_if_paused(*, dry_run: bool, settings: Settings) -> Verdict:
+    """The guard for bulk actions without a single target (queue sweeps): kill switch and dry run only."""
+    if kill_switch_engaged(settings=settings):
+        return Verdict(allowed=False, reason=f"refused: kill switch `{settings.kill_switch_variable}` is on")
+    if dry_run:
+        return Verdict(allowed=False, dry_run=True, reason="dry run: nothing changed")
+    return Verdict(allowed=True, reason="allowed")

@@ -1,0 +1,93 @@
+"""Every setting of ferrumdeck-recovery, read from the environment with the prefix ``FD_``.
+
+One class so the README's settings table and the code cannot drift apart. Explicit arguments win:
+tasks take a ``Settings`` object, and tests build their own with isolated names.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where FerrumDeck's parts live and how the recoveries may act on them (env prefix ``FD_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="FD_", extra="ignore", frozen=True)
+
+    # --- step queue (Redis Streams) ---
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"), description="Redis holding the step stream (may hold a password)."
+    )
+    stream: str = Field("fd:queue:steps", min_length=1, description="Stream the workers read steps from.")
+    group: str = Field("workers", min_length=1, description="Consumer group of the workers.")
+    dlq_stream: str = Field("fd:queue:dlq", min_length=1, description="Dead-letter stream.")
+
+    # --- runs database ---
+    database_url: SecretStr = Field(
+        SecretStr("sqlite:///fd-runs.db"),
+        description="SQLAlchemy URL of FerrumDeck's runs database (PostgreSQL in production).",
+    )
+    runs_table: str = Field("runs", description="Table of runs.")
+    steps_table: str = Field("steps", description="Table of steps.")
+
+    # --- Kubernetes ---
+    kube_context: str | None = Field(None, description="kubeconfig context; default: current or in-cluster.")
+    namespace: str = Field("ferrumdeck", description="Namespace of FerrumDeck.")
+    worker_deployment: str = Field("worker", description="Deployment running the workers.")
+    worker_container: str = Field("worker", description="Container of the worker pods.")
+    worker_selector: str = Field("app=worker", description="Label selector of the worker pods.")
+    mcp_deployment: str = Field("mcp-server", description="Deployment running the MCP server.")
+    consumer_name_template: str = Field(
+        "{pod}", description="Redis consumer name of a worker pod; `{pod}` is the pod's name (identity)."
+    )
+
+    # --- HTTP services ---
+    gateway_url: str = Field("http://gateway:8080", description="FerrumDeck gateway base URL.")
+    gateway_api_key: SecretStr | None = Field(None, description="Gateway API key (Bearer).")
+    gateway_api_key_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the gateway API key (used if no key is set)."
+    )
+    mcp_url: str = Field("http://mcp-server:3000/health", description="MCP server health endpoint.")
+    http_timeout_s: float = Field(5.0, gt=0, description="Timeout of every HTTP call, in seconds.")
+    llm_fallback_models: list[str] = Field(
+        default_factory=lambda: ["openai/gpt-4o", "anthropic/claude-sonnet-4-20250514"],
+        description="LLM models in order of preference; the first is the primary.",
+    )
+    llm_status_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="Provider (model prefix, e.g. `openai`) -> Statuspage JSON URL (`/api/v2/status.json`).",
+    )
+    alertmanager_url: str | None = Field(None, description="Alertmanager base URL for the post-recovery check.")
+
+    # --- safety ---
+    state_prefix: str = Field(
+        "fd:recovery", min_length=1, description="Redis key prefix for the automation's own state (cooldowns)."
+    )
+    kill_switch_variable: str = Field(
+        "ferrumdeck_recovery_paused", description="Prefect Variable; when true every mutating step refuses."
+    )
+    min_healthy_workers: int = Field(1, ge=0, description="Never take Ready workers below this by our own action.")
+    max_replicas: int = Field(20, ge=1, description="Never scale the workers above this.")
+    pod_deletions_per_hour: int = Field(3, ge=0, description="Budget of pod deletions/evictions per hour.")
+    failovers_per_15_min: int = Field(1, ge=0, description="Budget of LLM failovers per 15 minutes.")
+    target_cooldown_s: int = Field(300, ge=0, description="A target (pod, deployment) is acted on once per this.")
+
+    @field_validator("stream", "group", "dlq_stream")
+    @classmethod
+    def _no_whitespace(cls, value: str) -> str:
+        if value != value.strip() or not value.strip():
+            raise ValueError("must be a non-empty name without surrounding whitespace")
+        return value
+
+    def consumer_for_pod(self, pod: str) -> str:
+        """The Redis consumer name of a worker pod (identity by default)."""
+        return self.consumer_name_template.format(pod=pod)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings from the environment (tests build their own instead)."""
+    return Settings()

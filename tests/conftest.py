@@ -1,0 +1,87 @@
+"""Shared test harness: one Prefect test server per session, real Redis and PostgreSQL, isolated per test.
+
+Isolation: every test gets its own Redis key names (a unique prefix, removed afterwards) and the session
+gets its own PostgreSQL database (dropped afterwards), so suites of several developers can run at once.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+import pytest
+import redis as redis_lib
+import sqlalchemy as sa
+
+from tasks.connections import reset_connections
+from tasks.settings import Settings
+
+REDIS_URL = os.environ.get("FD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_ADMIN_URL = os.environ.get("FD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect API (SQLite) for the whole session: starting one costs ~7 s."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A unique Redis key prefix for this test."""
+    return f"fdtest:{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(key_prefix: str) -> Iterator[Settings]:
+    """Settings whose Redis keys are private to this test; every key under the prefix is deleted afterwards."""
+    s = Settings(
+        redis_url=REDIS_URL,
+        stream=f"{key_prefix}:steps",
+        group="workers",
+        dlq_stream=f"{key_prefix}:dlq",
+        state_prefix=f"{key_prefix}:state",
+        kill_switch_variable=f"paused_{key_prefix.split(':')[1]}",
+    )
+    yield s
+    client = redis_lib.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{key_prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def redis(settings: Settings) -> redis_lib.Redis:
+    """The real Redis, through the project's own client factory."""
+    from tasks.connections import redis_client
+
+    return redis_client(settings)
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this session (dropped at the end)."""
+    name = f"fd_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    reset_connections()
+    with admin.connect() as conn:
+        conn.execute(
+            sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"),
+            {"n": name},
+        )
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
