@@ -6,6 +6,8 @@ tasks take a ``Settings`` object, and tests build their own with isolated names.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 from pydantic import Field, SecretStr, field_validator
@@ -87,7 +89,25 @@ class Settings(BaseSettings):
         return self.consumer_name_template.format(pod=pod)
 
 
+_override: Settings | None = None
+
+
 @lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings from the environment (tests build their own instead)."""
+def _from_env() -> Settings:
     return Settings()
+
+
+def get_settings() -> Settings:
+    """The settings flows use: the environment's, unless ``use_settings`` put others in force (tests, demo)."""
+    return _override if _override is not None else _from_env()
+
+
+@contextmanager
+def use_settings(settings: Settings) -> Iterator[Settings]:
+    """Put ``settings`` in force for every flow run in this process until the block ends."""
+    global _override
+    previous, _override = _override, settings
+    try:
+        yield settings
+    finally:
+        _override = previous

@@ -61,6 +61,15 @@ def settings(key_prefix: str) -> Iterator[Settings]:
 
 
 @pytest.fixture
+def active_settings(settings: Settings) -> Iterator[Settings]:
+    """``settings`` put in force for flows run by this test (flows call ``get_settings()``)."""
+    from tasks.settings import use_settings
+
+    with use_settings(settings):
+        yield settings
+
+
+@pytest.fixture
 def redis(settings: Settings) -> redis_lib.Redis:
     """The real Redis, through the project's own client factory."""
     from tasks.connections import redis_client
