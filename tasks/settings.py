@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     )
     runs_table: str = Field("runs", description="Table of runs.")
     steps_table: str = Field("steps", description="Table of steps.")
+    runs_batch_size: int = Field(
+        1000, ge=1, le=10000, description="Rows per page when finding stuck runs and per UPDATE when failing them."
+    )
 
     # --- Kubernetes ---
     kube_context: str | None = Field(None, description="kubeconfig context; default: current or in-cluster.")
@@ -51,6 +54,13 @@ class Settings(BaseSettings):
     gateway_api_key: SecretStr | None = Field(None, description="Gateway API key (Bearer).")
     gateway_api_key_secret: str | None = Field(
         None, description="Name of a Prefect Secret block holding the gateway API key (used if no key is set)."
+    )
+    gateway_max_attempts: int = Field(
+        4, ge=1, le=10, description="Attempts of one gateway call (retries on 429/502/503/504, connection errors)."
+    )
+    gateway_backoff_s: float = Field(0.5, ge=0, description="First back-off between gateway attempts (doubles).")
+    gateway_retry_after_cap_s: float = Field(
+        30.0, ge=0, description="Longest `Retry-After` the gateway client honours, in seconds."
     )
     mcp_url: str = Field("http://mcp-server:3000/health", description="MCP server health endpoint.")
     http_timeout_s: float = Field(5.0, gt=0, description="Timeout of every HTTP call, in seconds.")
