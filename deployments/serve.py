@@ -1,0 +1,76 @@
+"""Serve every deployment of ``prefect.yaml`` from one process (``fd-recovery serve``).
+
+``prefect.yaml`` stays the single source of truth: this module reads it and turns each entry into a
+``RunnerDeployment`` with the same name, description, tags, parameters, schedules, triggers and concurrency
+limit, so small installations need no work pool while larger ones run ``prefect deploy --all``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
+FAST_POLL_SECONDS = 1
+
+
+def read_deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
+    """The ``deployments:`` entries of a prefect.yaml (YAML anchors resolved)."""
+    spec = yaml.safe_load(path.read_text())
+    deployments = spec.get("deployments") or []
+    if not deployments:
+        raise ValueError(f"{path} defines no deployments")
+    return deployments
+
+
+def _schedules(entries: list[dict[str, Any]] | None) -> list[Any]:
+    from prefect.schedules import Cron, Interval
+
+    schedules = []
+    for entry in entries or []:
+        if "interval" in entry:
+            schedules.append(Interval(entry["interval"]))
+        elif "cron" in entry:
+            schedules.append(Cron(entry["cron"], timezone=entry.get("timezone")))
+        else:
+            raise ValueError(f"unsupported schedule {entry!r}: use interval or cron")
+    return schedules
+
+
+def build_runner_deployments(path: Path = PREFECT_YAML, *, names: list[str] | None = None) -> list[Any]:
+    """RunnerDeployments for every (or the named) deployment in prefect.yaml, ready for ``prefect.serve``."""
+    from prefect.cli.deploy._triggers import _initialize_deployment_triggers
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from prefect.flows import load_flow_from_entrypoint
+
+    deployments = []
+    for spec in read_deployment_specs(path):
+        if names and spec["name"] not in names:
+            continue
+        flow = load_flow_from_entrypoint(str(PROJECT_ROOT / spec["entrypoint"]))
+        limit = spec.get("concurrency_limit")
+        deployments.append(
+            flow.to_deployment(
+                name=spec["name"],
+                description=spec.get("description"),
+                tags=spec.get("tags"),
+                parameters=spec.get("parameters") or {},
+                schedules=_schedules(spec.get("schedules")),
+                triggers=_initialize_deployment_triggers(spec["name"], [dict(t) for t in spec.get("triggers", [])]),
+                concurrency_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit,
+            )
+        )
+    return deployments
+
+
+def serve_all(*, names: list[str] | None = None, limit: int | None = None, poll_seconds: float | None = None) -> None:
+    """Serve the deployments in this process until interrupted; polls for due runs every second by default
+    (Prefect's default of 10 s would add up to 10 s between an alert and its recovery)."""
+    from prefect import serve
+
+    poll = poll_seconds or float(os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", FAST_POLL_SECONDS))
+    serve(*build_runner_deployments(names=names), limit=limit, query_seconds=poll, prefetch_seconds=poll)
