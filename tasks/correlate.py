@@ -1,0 +1,421 @@
+"""Pure correlation of worker pods with their Redis consumers, and the decisions built on it (no I/O).
+
+A worker pod's name is its Redis consumer name (``Settings.consumer_for_pod``). Joining the pod list with the
+consumer group's view tells exactly which pending entries a crashed, gone or hung pod holds, so the recovery
+flows take those entries at once and never touch the entries of a healthy, busy worker.
+
+Everything here is plain functions over small pydantic models; the flows feed them from ``tasks.kube`` and
+``tasks.queue`` and unit tests feed them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+# Kubernetes diagnosis classifications that mean "this worker process keeps dying".
+CRASH_CLASSES = frozenset({"crash-looping", "oom-killed", "error", "failed"})
+# Classifications under which a pod is not a crash target and its entries belong to a working worker.
+HEALTHY_CLASSES = frozenset({"healthy"})
+
+
+class PodState(BaseModel):
+    """What the recoveries need to know about one worker pod (fed from a Kubernetes diagnosis)."""
+
+    name: str
+    phase: str = "Running"
+    ready: bool = True
+    classification: str = "healthy"
+    restarts: int = 0
+    terminating: bool = False
+    cpu_millicores: float | None = None
+    last_reason: str | None = None
+    last_exit_code: int | None = None
+    summary: str = ""
+    log_tail: list[str] = Field(default_factory=list)
+
+
+class ConsumerState(BaseModel):
+    """One consumer of the group: how many entries it holds and how long since it talked to Redis."""
+
+    name: str
+    pending: int = 0
+    idle_ms: int = 0
+
+
+class PendingEntry(BaseModel):
+    """One entry of the group's pending list, with the run/step it carries when known."""
+
+    entry_id: str
+    consumer: str
+    idle_ms: int = 0
+    deliveries: int = 1
+    run_id: str | None = None
+    step_id: str | None = None
+
+
+class WorkerLink(BaseModel):
+    """A pod joined with its consumer; either side may be missing (a consumer whose pod is gone)."""
+
+    pod: str | None
+    consumer: str
+    pod_state: PodState | None = None
+    consumer_state: ConsumerState | None = None
+
+    @property
+    def pod_exists(self) -> bool:
+        return self.pod_state is not None
+
+    @property
+    def pending(self) -> int:
+        return self.consumer_state.pending if self.consumer_state else 0
+
+
+def correlate(
+    *, pods: Sequence[PodState], consumers: Sequence[ConsumerState], consumer_for_pod: Callable[[str], str]
+) -> list[WorkerLink]:
+    """Join pods and consumers through the pod -> consumer mapping; pod-less consumers come last."""
+    by_name = {c.name: c for c in consumers}
+    links: list[WorkerLink] = []
+    seen: set[str] = set()
+    for pod in sorted(pods, key=lambda p: p.name):
+        consumer = consumer_for_pod(pod.name)
+        seen.add(consumer)
+        links.append(WorkerLink(pod=pod.name, consumer=consumer, pod_state=pod, consumer_state=by_name.get(consumer)))
+    for c in sorted(consumers, key=lambda c: c.name):
+        if c.name not in seen:
+            links.append(WorkerLink(pod=None, consumer=c.name, consumer_state=c))
+    return links
+
+
+def pod_of_consumer(consumer: str, *, consumer_for_pod: Callable[[str], str]) -> str:
+    """Invert the pod -> consumer template for a consumer name (identity when the template is ``{pod}``)."""
+    probe = consumer_for_pod("\x00")
+    prefix, _, suffix = probe.partition("\x00")
+    if consumer.startswith(prefix) and consumer.endswith(suffix) and len(consumer) > len(prefix) + len(suffix):
+        return consumer[len(prefix) : len(consumer) - len(suffix)]
+    return consumer
+
+
+# --------------------------------------------------------------------------------------------- crash
+
+
+class CrashTarget(BaseModel):
+    """A worker whose process is dead or dying: its entries are recovered now, whatever their idle time."""
+
+    pod: str
+    consumer: str
+    cause: Literal["crash-looping", "oom-killed", "error", "failed", "pod-gone"]
+    pod_exists: bool
+    pending: int
+    replace_pod: bool = Field(description="Delete the pod so its Deployment starts a fresh one.")
+
+
+class Skipped(BaseModel):
+    """A worker the decision left alone, and why (shown in the report)."""
+
+    pod: str
+    reason: str
+
+
+class CrashDecision(BaseModel):
+    targets: list[CrashTarget] = Field(default_factory=list)
+    skipped: list[Skipped] = Field(default_factory=list)
+
+
+def _crash_cause(state: PodState) -> str | None:
+    if state.classification in CRASH_CLASSES:
+        return state.classification
+    if state.phase == "Failed":
+        return "failed"
+    if state.last_reason == "OOMKilled" and not state.ready:
+        return "oom-killed"
+    return None
+
+
+def decide_crash(*, links: Sequence[WorkerLink], pod: str | None, consumer_for_pod: Callable[[str], str]) -> CrashDecision:
+    """Pick the crashed workers: crash-looping/OOM-killed/failed pods, and consumers whose pod is gone.
+
+    With ``pod`` given only that worker is considered. A pod that is Ready and not crash-classified is a
+    healthy worker: it is never a target, so its (busy) entries are never taken.
+    """
+    decision = CrashDecision()
+    wanted = consumer_for_pod(pod) if pod else None
+    for link in links:
+        if wanted is not None and link.consumer != wanted:
+            continue
+        name = link.pod or pod_of_consumer(link.consumer, consumer_for_pod=consumer_for_pod)
+        state = link.pod_state
+        if state is None:
+            if link.pending > 0 or wanted is not None:
+                decision.targets.append(
+                    CrashTarget(pod=name, consumer=link.consumer, cause="pod-gone", pod_exists=False,
+                                pending=link.pending, replace_pod=False)
+                )
+            continue
+        cause = _crash_cause(state)
+        if cause is None:
+            if wanted is not None:
+                why = "healthy and Ready: not crashed, its entries are left to it" if state.ready else (
+                    f"not crashed ({state.classification}): left alone")
+                decision.skipped.append(Skipped(pod=name, reason=why))
+            continue
+        decision.targets.append(
+            CrashTarget(pod=name, consumer=link.consumer, cause=cause, pod_exists=True, pending=link.pending,
+                        replace_pod=not state.terminating)
+        )
+    if wanted is not None and not decision.targets and not decision.skipped:
+        decision.skipped.append(Skipped(pod=pod or "", reason="no such pod and no consumer: nothing to recover"))
+    return decision
+
+
+def poison_entries(entries: Iterable[PendingEntry], *, consumer: str, min_deliveries: int = 2) -> list[PendingEntry]:
+    """Entries the crashed consumer holds that were delivered ``min_deliveries`` times or more: the suspects."""
+    return [e for e in entries if e.consumer == consumer and e.deliveries >= min_deliveries]
+
+
+def root_cause(*, cause: str, state: PodState | None, poison: Sequence[PendingEntry]) -> str:
+    """One line an SRE can act on: OOM vs error exit vs poison entry vs pod gone, with the evidence."""
+    parts: list[str] = []
+    if poison:
+        ids = ", ".join(e.entry_id for e in poison[:5])
+        parts.append(f"poison entry suspected ({ids}; delivered >= {min(e.deliveries for e in poison)} times)")
+    if cause == "oom-killed" or (state and state.last_reason == "OOMKilled"):
+        parts.append("out of memory (OOMKilled, exit 137): raise the memory limit or find the oversized step")
+    elif cause == "pod-gone":
+        parts.append("the pod is gone while its consumer still held entries (node loss, eviction or kill)")
+    elif state is not None:
+        code = state.last_exit_code
+        line = next((ln for ln in reversed(state.log_tail) if ln.strip()), "")
+        parts.append(f"process error exit{f' (code {code})' if code is not None else ''}"
+                     + (f": `{line.strip()[:200]}`" if line else ""))
+    return "; ".join(parts) or "unknown"
+
+
+# ---------------------------------------------------------------------------------------------- hang
+
+
+class Sample(BaseModel):
+    """One observation of the workers and the queue at a moment (seconds on any monotonic clock)."""
+
+    at: float
+    lag: int
+    pods: list[PodState]
+    consumers: list[ConsumerState]
+
+
+class HangVerdict(BaseModel):
+    pod: str
+    consumer: str
+    hung: bool
+    reason: str
+    pending: int = 0
+    idle_ms: int = 0
+    cpu_millicores: float | None = None
+
+
+class HangDecision(BaseModel):
+    lag_series: list[int]
+    lag_growing: bool
+    verdicts: list[HangVerdict] = Field(default_factory=list)
+
+    @property
+    def hung(self) -> list[HangVerdict]:
+        return [v for v in self.verdicts if v.hung]
+
+
+def lag_growing(series: Sequence[int]) -> bool:
+    """Lag grows across the samples: it never fell and the last is above the first."""
+    return len(series) >= 2 and series[-1] > series[0] and all(b >= a for a, b in zip(series, series[1:], strict=False))
+
+
+def lag_falling(series: Sequence[int]) -> bool:
+    """Lag is falling (or gone): the last sample is zero or below the first."""
+    return bool(series) and (series[-1] == 0 or (len(series) >= 2 and series[-1] < series[0]))
+
+
+def decide_hang(
+    *,
+    samples: Sequence[Sample],
+    consumer_for_pod: Callable[[str], str],
+    pod: str | None = None,
+    min_idle_ms: int,
+    max_cpu_millicores: float,
+    require_lag_growth: bool = True,
+) -> HangDecision:
+    """A pod is hung when in every sample it is Running+Ready, its consumer holds entries, its CPU is near
+    zero, its consumer is idle beyond ``min_idle_ms`` at the end, and the queue lag grows across samples.
+
+    Missing CPU metrics count against hanging (never delete on absent evidence).
+    """
+    if not samples:
+        raise ValueError("at least one sample is needed")
+    series = [s.lag for s in samples]
+    growing = lag_growing(series)
+    decision = HangDecision(lag_series=series, lag_growing=growing)
+    last = samples[-1]
+    names = [p.name for p in last.pods if pod is None or p.name == pod]
+    for name in sorted(names):
+        consumer = consumer_for_pod(name)
+        verdict = _hang_verdict(name, consumer, samples, min_idle_ms, max_cpu_millicores)
+        if verdict.hung and require_lag_growth and not growing:
+            verdict.hung = False
+            verdict.reason = f"looks stuck but queue lag is not growing ({series}): left alone"
+        decision.verdicts.append(verdict)
+    if pod is not None and not names:
+        decision.verdicts.append(HangVerdict(pod=pod, consumer=consumer_for_pod(pod), hung=False,
+                                             reason="no such pod now: nothing to do"))
+    return decision
+
+
+def _hang_verdict(name: str, consumer: str, samples: Sequence[Sample], min_idle_ms: int, max_cpu: float) -> HangVerdict:
+    cpus: list[float | None] = []
+    for s in samples:
+        state = next((p for p in s.pods if p.name == name), None)
+        c = next((c for c in s.consumers if c.name == consumer), None)
+        if state is None:
+            return HangVerdict(pod=name, consumer=consumer, hung=False, reason="pod missing from a sample")
+        if state.phase != "Running" or not state.ready or state.terminating:
+            return HangVerdict(pod=name, consumer=consumer, hung=False,
+                               reason=f"not Running+Ready ({state.phase}, ready={state.ready}): not a hang")
+        if c is None or c.pending == 0:
+            return HangVerdict(pod=name, consumer=consumer, hung=False, reason="holds no pending entries")
+        cpus.append(state.cpu_millicores)
+    c_last = next(c for c in samples[-1].consumers if c.name == consumer)
+    base = dict(pod=name, consumer=consumer, pending=c_last.pending, idle_ms=c_last.idle_ms, cpu_millicores=cpus[-1])
+    if any(cpu is None for cpu in cpus):
+        return HangVerdict(**base, hung=False, reason="no CPU metrics: not enough evidence")
+    peak = max(float(cpu or 0.0) for cpu in cpus)
+    if peak > max_cpu:
+        return HangVerdict(**base, hung=False, reason=f"busy (CPU up to {peak:g}m): a working worker")
+    if c_last.idle_ms < min_idle_ms:
+        return HangVerdict(**base, hung=False, reason=f"consumer active {c_last.idle_ms} ms ago (< {min_idle_ms})")
+    return HangVerdict(**base, hung=True,
+                       reason=f"Ready, {c_last.pending} pending idle {c_last.idle_ms} ms, CPU {peak:g}m")
+
+
+# --------------------------------------------------------------------------------------- post-check
+
+
+class ChecklistItem(BaseModel):
+    """One line of the runbook's post-recovery checklist, ticked or not, with the evidence behind it."""
+
+    item: str
+    ok: bool | None = Field(description="True ticked, False failed, None open (needs a human).")
+    evidence: str
+
+
+def workers_ready_and_consuming(
+    *, links: Sequence[WorkerLink], desired: int | None, max_consumer_idle_ms: int
+) -> ChecklistItem:
+    """Every worker pod Ready (and as many as desired), each one's consumer recently talked to Redis."""
+    pods = [lnk for lnk in links if lnk.pod_state is not None and not lnk.pod_state.terminating]
+    not_ready = [lnk.pod for lnk in pods if not lnk.pod_state.ready]  # type: ignore[union-attr]
+    idle = [lnk.pod for lnk in pods if lnk.consumer_state is None or lnk.consumer_state.idle_ms > max_consumer_idle_ms]
+    problems: list[str] = []
+    if not pods:
+        problems.append("no worker pods")
+    if not_ready:
+        problems.append(f"not Ready: {', '.join(map(str, not_ready))}")
+    if idle:
+        problems.append(f"not consuming (no read within {max_consumer_idle_ms} ms): {', '.join(map(str, idle))}")
+    if desired is not None and len(pods) - len(not_ready) < desired:
+        problems.append(f"{len(pods) - len(not_ready)} Ready of {desired} desired")
+    ok = not problems
+    evidence = (f"{len(pods)} worker pods Ready and consuming" if ok else "; ".join(problems))
+    return ChecklistItem(item="All workers healthy and processing", ok=ok, evidence=evidence)
+
+
+def queue_depth_ok(*, lag: int, pending: int, length: int, max_depth: int) -> ChecklistItem:
+    """Undelivered backlog (lag) back under the threshold."""
+    ok = lag <= max_depth
+    return ChecklistItem(item="Queue depth returning to normal", ok=ok,
+                         evidence=f"lag {lag} (threshold {max_depth}), pending {pending}, stream length {length}")
+
+
+def no_stuck_runs(*, stuck: Sequence[str], older_than_minutes: int) -> ChecklistItem:
+    ok = not stuck
+    shown = ", ".join(stuck[:10]) + (f" and {len(stuck) - 10} more" if len(stuck) > 10 else "")
+    return ChecklistItem(item="No runs stuck in invalid states", ok=ok,
+                         evidence=(f"no run `running` for over {older_than_minutes} min" if ok
+                                   else f"{len(stuck)} running for over {older_than_minutes} min: {shown}"))
+
+
+# -------------------------------------------------------------------------------------------- triage
+
+
+class TriageObservation(BaseModel):
+    """Everything triage looked at once."""
+
+    links: list[WorkerLink]
+    lag: int = 0
+    pending: int = 0
+    stuck_runs: int = 0
+    mcp_healthy: bool | None = None
+    llm_failing_models: list[str] = Field(default_factory=list)
+    ready_workers: int = 0
+    desired_workers: int | None = None
+
+
+class PlanStep(BaseModel):
+    """One recovery flow triage will run, with its parameters and why."""
+
+    flow: str
+    parameters: dict[str, object] = Field(default_factory=dict)
+    why: str
+
+
+def plan_triage(
+    *,
+    obs: TriageObservation,
+    consumer_for_pod: Callable[[str], str],
+    hang_min_idle_ms: int,
+    hang_max_cpu_millicores: float,
+    backlog_threshold: int,
+    max_replicas: int,
+) -> list[PlanStep]:
+    """Order: fix the dependencies workers need (MCP, LLM), then crashed workers, hung suspects, capacity,
+    stuck runs; always end with the post-recovery check."""
+    steps: list[PlanStep] = []
+    if obs.mcp_healthy is False:
+        steps.append(PlanStep(flow="mcp-server-recovery", why="MCP health check failed"))
+    if obs.llm_failing_models:
+        steps.append(PlanStep(flow="llm-provider-failover",
+                              why=f"LLM steps failing for {', '.join(obs.llm_failing_models)}"))
+    crash = decide_crash(links=obs.links, pod=None, consumer_for_pod=consumer_for_pod)
+    for t in crash.targets:
+        steps.append(PlanStep(flow="worker-crash-recovery", parameters={"pod": t.pod},
+                              why=f"{t.pod}: {t.cause}, {t.pending} pending entries"))
+    crashed = {t.consumer for t in crash.targets}
+    hang_suspects = []
+    for link in obs.links:
+        s, c = link.pod_state, link.consumer_state
+        if s is None or c is None or link.consumer in crashed:
+            continue
+        if (s.phase == "Running" and s.ready and not s.terminating and c.pending > 0 and c.idle_ms >= hang_min_idle_ms
+                and s.cpu_millicores is not None and s.cpu_millicores <= hang_max_cpu_millicores):
+            hang_suspects.append(link.pod)
+            steps.append(PlanStep(flow="worker-hang-recovery", parameters={"pod": link.pod},
+                                  why=f"{link.pod}: Ready, {c.pending} pending idle {c.idle_ms} ms, "
+                                      f"CPU {s.cpu_millicores:g}m (confirmed by sampling)"))
+    if obs.lag > backlog_threshold and not crash.targets and not hang_suspects:
+        current = max(obs.desired_workers or obs.ready_workers, 1)
+        replicas = min(max_replicas, current * 2)
+        if replicas > current:
+            steps.append(PlanStep(flow="scale-workers", parameters={"replicas": replicas},
+                                  why=f"backlog: lag {obs.lag} > {backlog_threshold} with all workers healthy"))
+    if obs.stuck_runs:
+        steps.append(PlanStep(flow="stuck-runs-sweep", why=f"{obs.stuck_runs} runs stuck in `running`"))
+    steps.append(PlanStep(flow="post-recovery-check", why="always: confirm the runbook's checklist"))
+    return steps
+
+
+def entries_by_run(entries: Iterable[PendingEntry]) -> Mapping[str, list[str]]:
+    """run_id -> step ids carried by the given entries (entries without a run id are skipped)."""
+    out: dict[str, list[str]] = {}
+    for e in entries:
+        if e.run_id:
+            out.setdefault(e.run_id, []).append(e.step_id or "")
+    return out
