@@ -40,6 +40,18 @@ class Settings(BaseSettings):
 
     # --- Kubernetes ---
     kube_context: str | None = Field(None, description="kubeconfig context; default: current or in-cluster.")
+    kubeconfig: str | None = Field(
+        None, description="kubeconfig path; default: `KUBECONFIG`, then in-cluster, then ~/.kube/config."
+    )
+    kube_timeout_s: float = Field(10.0, gt=0, description="Timeout of every Kubernetes API call, in seconds.")
+    kube_retry_delays_s: list[float] = Field(
+        default_factory=lambda: [1.0, 2.0, 4.0],
+        description="Back-off between retries of a Kubernetes task (429, 5xx, connection errors); "
+        "one retry per entry. Read when tasks.kube is imported.",
+    )
+    hung_cpu_millicores: float = Field(
+        5.0, ge=0, description="A Running+Ready worker using less CPU than this is a hang suspect."
+    )
     namespace: str = Field("ferrumdeck", description="Namespace of FerrumDeck.")
     worker_deployment: str = Field("worker", description="Deployment running the workers.")
     worker_container: str = Field("worker", description="Container of the worker pods.")
@@ -73,6 +85,43 @@ class Settings(BaseSettings):
         description="Provider (model prefix, e.g. `openai`) -> Statuspage JSON URL (`/api/v2/status.json`).",
     )
     alertmanager_url: str | None = Field(None, description="Alertmanager base URL for the post-recovery check.")
+
+    # --- LLM failover / failback, MCP recovery, scaling ---
+    llm_model_env: str = Field("LITELLM_MODEL", min_length=1, description="Env var of the worker holding the model.")
+    llm_failure_window_minutes: int = Field(
+        15, ge=1, le=1440, description="Window of recent LLM step results the failover judges a model on."
+    )
+    llm_failover_min_samples: int = Field(
+        10, ge=1, description="Fewest finished LLM steps of a model in the window before its error rate counts."
+    )
+    llm_failover_error_rate: float = Field(
+        0.5, gt=0, le=1, description="Error rate (failed/total LLM steps) at or above which a model is down."
+    )
+    llm_failover_evidence: str = Field(
+        "any",
+        pattern="^(any|both|failures|status)$",
+        description="What proves the current model down: `any` (failures or status page), `both`, `failures`, `status`.",
+    )
+    llm_healthy_for_minutes: int = Field(
+        30, ge=0, le=1440, description="Failback waits until the primary model has been healthy this long."
+    )
+    llm_active_model_variable: str = Field(
+        "ferrumdeck_active_llm_model", min_length=1, description="Prefect Variable recording the active LLM model."
+    )
+    llm_healthy_since_variable: str = Field(
+        "ferrumdeck_llm_primary_healthy_since",
+        min_length=1,
+        description="Prefect Variable where failback remembers since when the primary model looks healthy.",
+    )
+    mcp_check_attempts: int = Field(3, ge=1, le=20, description="Health checks of the MCP server per observation.")
+    mcp_check_interval_s: float = Field(1.0, ge=0, le=60, description="Seconds between MCP health checks.")
+    mcp_recovery_deadline_s: float = Field(
+        120.0, gt=0, le=3600, description="How long to re-check MCP health after a restart before giving up."
+    )
+    rollout_timeout_s: float = Field(
+        300.0, gt=0, le=3600, description="How long the recoveries wait for a Deployment rollout to finish."
+    )
+    scale_up_replicas: int = Field(10, ge=1, description="Default worker count `scale-workers` scales to (runbook: 10).")
 
     # --- safety ---
     state_prefix: str = Field(
