@@ -123,6 +123,37 @@ class Settings(BaseSettings):
     )
     scale_up_replicas: int = Field(10, ge=1, description="Default worker count `scale-workers` scales to (runbook: 10).")
 
+    # --- worker crash / hang recovery, post-recovery check, triage ---
+    poison_min_deliveries: int = Field(
+        2, ge=2, le=100, description="A crashed consumer's entry delivered this often is a poison suspect (dead-lettered)."
+    )
+    hang_min_idle_ms: int = Field(
+        120_000, ge=0, description="A hang suspect's consumer has not read for this long while holding entries (ms)."
+    )
+    replacement_timeout_s: float = Field(
+        180.0, gt=0, le=3600, description="How long crash/hang recovery waits for a replacement worker to be Ready."
+    )
+    alerting_check: str = Field(
+        "bridge",
+        pattern="^(bridge|alertmanager|none)$",
+        description="How the post-recovery check confirms alerting: the bridge's heartbeat, Alertmanager's API, or not.",
+    )
+    bridge_heartbeat_url: str = Field(
+        "http://fd-alert-bridge:8080/heartbeat", description="The alert bridge's `GET /heartbeat` (last Watchdog seen)."
+    )
+    heartbeat_max_age_s: int = Field(
+        900, ge=1, description="The bridge's last heartbeat alert must be younger than this to tick 'alerting works'."
+    )
+    post_check_max_queue_depth: int = Field(
+        100, ge=0, description="Queue lag (undelivered steps) at or below which the queue counts as back to normal."
+    )
+    post_check_consumer_idle_ms: int = Field(
+        60_000, ge=0, description="A Ready worker whose consumer read within this (ms) counts as consuming."
+    )
+    triage_backlog_threshold: int = Field(
+        1_000, ge=0, description="Triage plans `scale-workers` when the lag exceeds this and every worker is healthy."
+    )
+
     # --- safety ---
     state_prefix: str = Field(
         "fd:recovery", min_length=1, description="Redis key prefix for the automation's own state (cooldowns)."
