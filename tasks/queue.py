@@ -1,0 +1,811 @@
+"""Redis Streams queue recovery: inspect the group, find steps, and move stuck pending entries safely.
+
+API shape: every operation is a plain keyword-only function (``inspect_queue``, ``locate_steps``,
+``sweep_pending``, ``recover_consumers``, ``delete_empty_consumers``, ``replay_dlq`` ...) that tests and
+other tasks call directly, plus a Prefect ``@task`` wrapper named ``<function>_task`` for flows. The wrappers
+of mutating operations also ask the guard (kill switch) first and act as a dry run when it refuses.
+
+Safety: an entry leaves the pending list only inside one Lua script that re-adds it (requeue) or writes it to
+the DLQ in the same atomic step (``tasks.queue_scripts``); each script re-checks that the entry is still
+pending and still idle enough / still owned by the same dead consumer, so a concurrent sweep or a late ACK
+is harmless. Work is done in pages (``batch_size`` entries per round trip); memory is bounded by one page.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import redis
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from tasks import queue_scripts
+from tasks.connections import redis_client
+from tasks.settings import Settings
+
+Action = Literal["requeue", "claim", "dead_letter", "orphan", "leave"]
+Strategy = Literal["requeue", "claim"]
+SAMPLE_LIMIT = 50
+DLQ_ERROR = "Max retries exceeded"
+
+
+class QueueError(Exception):
+    """A queue recovery cannot proceed (missing stream or group, bad policy, Redis refused)."""
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+class ConsumerInfo(BaseModel):
+    """One consumer of the group: entries it holds and ms since it last talked to Redis."""
+
+    name: str
+    pending: int
+    idle_ms: int
+
+
+class QueueSnapshot(BaseModel):
+    """The group at one moment: XLEN, XINFO GROUPS / CONSUMERS, XPENDING summary and DLQ length."""
+
+    stream: str
+    group: str
+    dlq_stream: str
+    stream_exists: bool
+    group_exists: bool
+    length: int = 0
+    lag: int | None = None
+    last_delivered_id: str | None = None
+    entries_read: int | None = None
+    pending: int = 0
+    oldest_pending_id: str | None = None
+    consumers: list[ConsumerInfo] = Field(default_factory=list)
+    dlq_length: int = 0
+    taken_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    def consumer(self, name: str) -> ConsumerInfo | None:
+        return next((c for c in self.consumers if c.name == name), None)
+
+    def pending_of(self, name: str) -> int:
+        found = self.consumer(name)
+        return found.pending if found else 0
+
+    def require_group(self) -> None:
+        """Raise a clear QueueError when the stream or the consumer group does not exist."""
+        if not self.stream_exists:
+            raise QueueError(f"stream `{self.stream}` does not exist (check FD_STREAM / FD_REDIS_URL)")
+        if not self.group_exists:
+            raise QueueError(f"consumer group `{self.group}` does not exist on stream `{self.stream}`")
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """Key numbers as table rows for reports."""
+        return [
+            {"metric": "stream length (XLEN)", "value": self.length},
+            {"metric": "lag (not yet delivered)", "value": self.lag},
+            {"metric": "pending (delivered, not acked)", "value": self.pending},
+            {"metric": "last delivered id", "value": self.last_delivered_id},
+            {"metric": "entries read", "value": self.entries_read},
+            {"metric": "consumers", "value": len(self.consumers)},
+            {"metric": "DLQ length", "value": self.dlq_length},
+        ]
+
+
+class StepLocation(BaseModel):
+    """Where a step's queue entry is: in the PEL (with owner), the DLQ, still queued, or nowhere."""
+
+    step_id: str
+    where: Literal["pending", "dlq", "queued", "nowhere"]
+    entry_id: str | None = None
+    consumer: str | None = None
+    idle_ms: int | None = None
+    deliveries: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class PendingEntry:
+    """One entry of the pending list (XPENDING) with what its fields say (attempts, job/step ids)."""
+
+    entry_id: str
+    consumer: str
+    idle_ms: int
+    deliveries: int
+    exists: bool = True
+    attempts: int = 0
+    job_id: str = ""
+    step_id: str = ""
+
+    @property
+    def total_deliveries(self) -> int:
+        """Deliveries of this copy plus those of earlier copies (the carried `attempts` field)."""
+        return self.attempts + self.deliveries
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    action: Action
+    reason: str
+
+
+class SweepPolicy(BaseModel):
+    """What a sweep may take: the runbook's 5-minute idle rule, 3 failures, and consumers known dead."""
+
+    model_config = {"frozen": True}
+
+    min_idle_ms: int = Field(300_000, ge=0, description="Take entries idle at least this long.")
+    max_deliveries: int = Field(3, ge=1, description="Dead-letter entries delivered this many times.")
+    dead_consumers: frozenset[str] = Field(default_factory=frozenset, description="Take their entries now.")
+    strategy: Strategy = "requeue"
+    claim_consumer: str = Field("new-worker", min_length=1)
+
+    @field_validator("dead_consumers", mode="before")
+    @classmethod
+    def _clean_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError("dead_consumers must be a list of consumer names, not one string")
+        names = [str(v).strip() for v in (value or [])]
+        if any(not n for n in names):
+            raise ValueError("dead_consumers contains an empty name")
+        return frozenset(names)
+
+    @model_validator(mode="after")
+    def _claimer_alive(self) -> SweepPolicy:
+        if self.strategy == "claim" and self.claim_consumer in self.dead_consumers:
+            raise ValueError(f"claim_consumer `{self.claim_consumer}` is listed in dead_consumers")
+        return self
+
+
+class SweepResult(BaseModel):
+    """What a sweep (or one page of it) saw, decided and did; counts plus a bounded sample."""
+
+    dry_run: bool
+    scanned: int = 0
+    pages: int = 0
+    decided: dict[str, int] = Field(default_factory=dict)
+    done: dict[str, int] = Field(default_factory=dict)
+    samples: list[dict[str, Any]] = Field(default_factory=list)
+    cap_reached: bool = False
+    next_start: str | None = None
+
+    @property
+    def moved(self) -> int:
+        return sum(self.done.get(k, 0) for k in ("requeued", "dead_lettered", "orphan_acked", "claimed"))
+
+    def merge(self, other: SweepResult) -> SweepResult:
+        """Add another page's result to this one (samples stay bounded)."""
+        self.scanned += other.scanned
+        self.pages += other.pages
+        self.decided = dict(Counter(self.decided) + Counter(other.decided))
+        self.done = dict(Counter(self.done) + Counter(other.done))
+        room = SAMPLE_LIMIT - len(self.samples)
+        if room > 0:
+            self.samples.extend(other.samples[:room])
+        self.cap_reached = self.cap_reached or other.cap_reached
+        self.next_start = other.next_start
+        return self
+
+
+class ConsumerRecovery(SweepResult):
+    """Result of taking every pending entry of the given consumers."""
+
+    consumers: list[str] = Field(default_factory=list)
+    refused: str | None = None
+
+
+class ConsumerCleanup(BaseModel):
+    """Result of XGROUP DELCONSUMER on consumers that own nothing."""
+
+    dry_run: bool
+    deleted: list[str] = Field(default_factory=list)
+    would_delete: list[str] = Field(default_factory=list)
+    kept: dict[str, str] = Field(default_factory=dict)
+    refused: str | None = None
+
+
+class ReplayFilter(BaseModel):
+    """Which DLQ entries to replay; an entry must match every filter given (ids, job ids, reason, age)."""
+
+    model_config = {"frozen": True}
+
+    ids: frozenset[str] = frozenset()
+    job_ids: frozenset[str] = frozenset()
+    reason_contains: str | None = None
+    min_age_ms: int = Field(0, ge=0)
+    replay_all: bool = False
+
+    @model_validator(mode="after")
+    def _something_chosen(self) -> ReplayFilter:
+        if not (self.ids or self.job_ids or self.reason_contains or self.min_age_ms or self.replay_all):
+            raise ValueError("choose DLQ entries by ids, job_ids, reason or min_age_ms, or set replay_all")
+        return self
+
+
+class ReplayResult(BaseModel):
+    dry_run: bool
+    scanned: int = 0
+    matched: int = 0
+    done: dict[str, int] = Field(default_factory=dict)
+    samples: list[dict[str, Any]] = Field(default_factory=list)
+    cap_reached: bool = False
+
+
+# --------------------------------------------------------------------------------------- pure logic
+
+
+def decide(entry: PendingEntry, policy: SweepPolicy) -> Decision:
+    """Requeue/claim, dead-letter, acknowledge (orphan) or leave one pending entry. Pure.
+
+    An entry is only ever taken when its owner is known dead or it has been idle >= ``min_idle_ms``: a live
+    worker's fresh entry is left even at its last allowed delivery, so it may still finish it.
+    """
+    dead = entry.consumer in policy.dead_consumers
+    if not dead and entry.idle_ms < policy.min_idle_ms:
+        return Decision("leave", f"owner `{entry.consumer}` may still be working (idle {entry.idle_ms} ms)")
+    why = f"owner `{entry.consumer}` is dead" if dead else f"idle {entry.idle_ms} ms >= {policy.min_idle_ms}"
+    if not entry.exists:
+        return Decision("orphan", f"entry deleted or trimmed; {why}")
+    if entry.total_deliveries >= policy.max_deliveries:
+        return Decision(
+            "dead_letter", f"delivered {entry.total_deliveries} times (max {policy.max_deliveries}); {why}"
+        )
+    return Decision(policy.strategy, why)
+
+
+def matches_replay(fields: dict[str, str], entry_id: str, flt: ReplayFilter, *, now_ms: int) -> bool:
+    """Whether a DLQ entry (its id and fields) is chosen by the replay filter. Pure."""
+    if flt.ids and entry_id not in flt.ids:
+        return False
+    if flt.job_ids and (fields.get("job_id") or fields.get("step_id")) not in flt.job_ids:
+        return False
+    if flt.reason_contains:
+        text = f"{fields.get('reason', '')} {fields.get('error', '')}".lower()
+        if flt.reason_contains.lower() not in text:
+            return False
+    if flt.min_age_ms:
+        at = fields.get("dead_lettered_at_ms") or entry_id.split("-", 1)[0]
+        if now_ms - int(at) < flt.min_age_ms:
+            return False
+    return True
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+# ------------------------------------------------------------------------------------------- inspect
+
+
+def inspect_queue(*, settings: Settings) -> QueueSnapshot:
+    """Snapshot of stream, group, consumers and DLQ in one pipelined round trip (O(consumers))."""
+    client = redis_client(settings)
+    base = {"stream": settings.stream, "group": settings.group, "dlq_stream": settings.dlq_stream}
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.exists(settings.stream)
+            pipe.xlen(settings.stream)
+            pipe.xlen(settings.dlq_stream)
+            exists, length, dlq_length = pipe.execute()
+        if not exists:
+            return QueueSnapshot(**base, stream_exists=False, group_exists=False, dlq_length=dlq_length)
+        group = next((g for g in client.xinfo_groups(settings.stream) if g["name"] == settings.group), None)
+        if group is None:
+            return QueueSnapshot(
+                **base, stream_exists=True, group_exists=False, length=length, dlq_length=dlq_length
+            )
+        with client.pipeline(transaction=False) as pipe:
+            pipe.xpending(settings.stream, settings.group)
+            pipe.xinfo_consumers(settings.stream, settings.group)
+            summary, consumers = pipe.execute()
+    except redis.RedisError as e:
+        raise QueueError(f"cannot inspect `{settings.stream}`: {e}") from e
+    return QueueSnapshot(
+        **base,
+        stream_exists=True,
+        group_exists=True,
+        length=length,
+        lag=group.get("lag"),
+        last_delivered_id=group.get("last-delivered-id"),
+        entries_read=group.get("entries-read"),
+        pending=summary["pending"],
+        oldest_pending_id=summary.get("min"),
+        consumers=[ConsumerInfo(name=c["name"], pending=c["pending"], idle_ms=c["idle"]) for c in consumers],
+        dlq_length=dlq_length,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- scan
+
+
+def scan_pending(
+    *, settings: Settings, start: str = "-", count: int = 1000, consumer: str | None = None
+) -> list[PendingEntry]:
+    """One page of the pending list from ``start`` (``"(id"`` = after id), with attempts and job ids.
+
+    One Lua call: XPENDING of ``count`` entries plus XRANGE id id per entry; O(count · log N), read-only.
+    """
+    client = redis_client(settings)
+    script = client.register_script(queue_scripts.SCAN_PENDING)
+    try:
+        flat = script(keys=[settings.stream], args=[settings.group, start, count, consumer or ""])
+    except redis.RedisError as e:
+        raise QueueError(f"cannot scan the pending list of `{settings.stream}`/`{settings.group}`: {e}") from e
+    return [
+        PendingEntry(
+            entry_id=flat[i],
+            consumer=flat[i + 1],
+            idle_ms=int(flat[i + 2]),
+            deliveries=int(flat[i + 3]),
+            exists=bool(flat[i + 4]),
+            attempts=_int(flat[i + 5]),
+            job_id=flat[i + 6],
+            step_id=flat[i + 7],
+        )
+        for i in range(0, len(flat), 8)
+    ]
+
+
+def iter_pending(
+    *, settings: Settings, batch_size: int = 1000, consumer: str | None = None, start: str = "-"
+) -> Iterator[list[PendingEntry]]:
+    """Pages of the pending list in id order; memory bounded by one page. O(P) for a PEL of P entries."""
+    while True:
+        page = scan_pending(settings=settings, start=start, count=batch_size, consumer=consumer)
+        if not page:
+            return
+        yield page
+        if len(page) < batch_size:
+            return
+        start = "(" + page[-1].entry_id
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+# ----------------------------------------------------------------------------------------------- act
+
+_ACTION_CODE = {"requeue": "R", "dead_letter": "D", "orphan": "O", "claim": "C"}
+
+
+def apply_decisions(
+    *, settings: Settings, decided: Sequence[tuple[PendingEntry, Decision]], policy: SweepPolicy
+) -> list[tuple[PendingEntry, Decision, str, str]]:
+    """Carry out decisions in ONE atomic Lua call; returns (entry, decision, status, new id) per entry.
+
+    Entries taken because their owner is dead are re-checked for that owner; others for idle >= min_idle_ms.
+    Safe to retry: a second run finds the entries gone from the pending list and skips them.
+    """
+    acting = [(e, d) for e, d in decided if d.action != "leave"]
+    if not acting:
+        return []
+    args: list[Any] = [settings.group, policy.min_idle_ms, policy.claim_consumer]
+    for entry, decision in acting:
+        owner = entry.consumer if entry.consumer in policy.dead_consumers else ""
+        args += [entry.entry_id, _ACTION_CODE[decision.action], owner, decision.reason]
+    client = redis_client(settings)
+    script = client.register_script(queue_scripts.ACT_PENDING)
+    try:
+        flat = script(keys=[settings.stream, settings.dlq_stream], args=args)
+    except redis.RedisError as e:
+        raise QueueError(f"cannot move pending entries of `{settings.stream}`: {e}") from e
+    return [(e, d, flat[3 * i + 1], flat[3 * i + 2]) for i, (e, d) in enumerate(acting)]
+
+
+def _sample(entry: PendingEntry, decision: Decision, status: str = "", new_id: str = "") -> dict[str, Any]:
+    row = {
+        "entry_id": entry.entry_id,
+        "job_id": entry.job_id or entry.step_id,
+        "consumer": entry.consumer,
+        "idle_ms": entry.idle_ms,
+        "deliveries": entry.total_deliveries,
+        "decision": decision.action,
+        "reason": decision.reason,
+    }
+    if status:
+        row["status"] = status
+        row["new_id"] = new_id
+    return row
+
+
+def sweep_page(
+    *,
+    settings: Settings,
+    policy: SweepPolicy,
+    start: str = "-",
+    batch_size: int = 1000,
+    max_actions: int | None = None,
+    dry_run: bool,
+    consumer: str | None = None,
+) -> SweepResult:
+    """Scan one page from ``start``, decide each entry (pure), act on the batch unless ``dry_run``.
+
+    ``next_start`` is the cursor of the following page, or None when the pending list is exhausted or
+    ``max_actions`` was reached (``cap_reached``).
+    """
+    page = scan_pending(settings=settings, start=start, count=batch_size, consumer=consumer)
+    result = SweepResult(dry_run=dry_run, scanned=len(page), pages=1)
+    decided: list[tuple[PendingEntry, Decision]] = []
+    actions = 0
+    for entry in page:
+        decision = decide(entry, policy)
+        if decision.action != "leave":
+            if max_actions is not None and actions >= max_actions:
+                result.cap_reached = True
+                result.scanned = len(decided)
+                break
+            actions += 1
+        decided.append((entry, decision))
+    result.decided = dict(Counter(d.action for _, d in decided))
+    if dry_run:
+        result.samples = [_sample(e, d) for e, d in decided if d.action != "leave"][:SAMPLE_LIMIT]
+    else:
+        outcomes = apply_decisions(settings=settings, decided=decided, policy=policy)
+        result.done = dict(Counter(status for *_, status, _ in outcomes))
+        result.samples = [_sample(*o) for o in outcomes[:SAMPLE_LIMIT]]
+    full = len(page) == batch_size and not result.cap_reached
+    result.next_start = "(" + page[-1].entry_id if page and full else None
+    return result
+
+
+def sweep_pending(
+    *,
+    settings: Settings,
+    policy: SweepPolicy,
+    batch_size: int = 1000,
+    max_entries: int | None = None,
+    dry_run: bool,
+    consumer: str | None = None,
+) -> SweepResult:
+    """Sweep the whole pending list page by page (scan -> decide -> act); at most ``max_entries`` moves.
+
+    Cost O(P) Redis work for P pending entries, in P / batch_size round trips; memory one page.
+    """
+    total = SweepResult(dry_run=dry_run)
+    start: str | None = "-"
+    while start is not None:
+        left = None if max_entries is None else max_entries - sum(
+            v for k, v in total.decided.items() if k != "leave"
+        )
+        page = sweep_page(
+            settings=settings,
+            policy=policy,
+            start=start,
+            batch_size=batch_size,
+            max_actions=left,
+            dry_run=dry_run,
+            consumer=consumer,
+        )
+        total.merge(page)
+        start = page.next_start
+    return total
+
+
+# ----------------------------------------------------------------------------- consumer-level helpers
+
+
+def recover_consumers(
+    *,
+    settings: Settings,
+    consumers: list[str],
+    max_deliveries: int = 3,
+    dry_run: bool,
+    batch_size: int = 1000,
+) -> ConsumerRecovery:
+    """Requeue every pending entry of these (dead) consumers now, whatever its idle time.
+
+    Entries at/over ``max_deliveries`` go to the DLQ, orphans are acknowledged; same atomic Lua path as the
+    sweep, re-checking inside Redis that each entry is still owned by that consumer. O(their pending).
+    """
+    names = sorted({c for c in consumers if c})
+    policy = SweepPolicy(min_idle_ms=0, max_deliveries=max_deliveries, dead_consumers=names)
+    result = ConsumerRecovery(dry_run=dry_run, consumers=names)
+    for name in names:
+        part = sweep_pending(
+            settings=settings, policy=policy, batch_size=batch_size, dry_run=dry_run, consumer=name
+        )
+        result.merge(part)
+    return result
+
+
+def delete_empty_consumers(
+    *, settings: Settings, consumers: list[str] | None, min_idle_ms: int, dry_run: bool
+) -> ConsumerCleanup:
+    """XGROUP DELCONSUMER for consumers (all when None) with zero pending entries, idle >= ``min_idle_ms``.
+
+    The zero-pending re-check and the delete are one atomic Lua step: a consumer that owns entries is never
+    deleted (DELCONSUMER would drop them). O(consumers).
+    """
+    if min_idle_ms < 0:
+        raise QueueError("min_idle_ms must be >= 0")
+    client = redis_client(settings)
+    try:
+        info = client.xinfo_consumers(settings.stream, settings.group)
+    except redis.ResponseError as e:
+        raise QueueError(f"cannot list consumers of `{settings.stream}`/`{settings.group}`: {e}") from e
+    known = {c["name"]: c for c in info}
+    wanted = sorted(known) if consumers is None else sorted(set(consumers))
+    result = ConsumerCleanup(dry_run=dry_run)
+    if dry_run:
+        for name in wanted:
+            c = known.get(name)
+            if c is None:
+                result.kept[name] = "skipped_gone"
+            elif c["pending"] > 0:
+                result.kept[name] = "kept_pending"
+            elif c["idle"] < min_idle_ms:
+                result.kept[name] = "kept_busy"
+            else:
+                result.would_delete.append(name)
+        return result
+    if not wanted:
+        return result
+    script = client.register_script(queue_scripts.DELETE_EMPTY_CONSUMERS)
+    try:
+        flat = script(keys=[settings.stream], args=[settings.group, min_idle_ms, *wanted])
+    except redis.RedisError as e:
+        raise QueueError(f"cannot delete consumers of `{settings.stream}`: {e}") from e
+    for name, status in zip(flat[0::2], flat[1::2], strict=True):
+        if status == "deleted":
+            result.deleted.append(name)
+        else:
+            result.kept[name] = status
+    return result
+
+
+# ------------------------------------------------------------------------------------------- locate
+
+
+def locate_steps(*, settings: Settings, step_ids: list[str], batch_size: int = 1000) -> dict[str, StepLocation]:
+    """Where each step's entry is now: pending (owner, idle, deliveries), queued, dlq, or nowhere.
+
+    A step matches an entry by its ``job_id`` or ``step_id`` field. Scans the pending list (paged XPENDING,
+    each page's fields read server-side in one Lua call), the undelivered tail of the stream (paged XRANGE
+    after last-delivered-id) and the DLQ (paged XRANGE): O(P + L + D) Redis work for P pending, L lag and D
+    dead-lettered entries, in (P + L + D) / batch_size round trips; memory O(len(step_ids) + batch_size).
+    Precedence when a step has several copies: pending > queued > dlq > nowhere.
+    """
+    wanted = {s for s in step_ids if s}
+    found: dict[str, StepLocation] = {}
+    snapshot = inspect_queue(settings=settings)
+    if snapshot.group_exists and wanted:
+        for page in iter_pending(settings=settings, batch_size=batch_size):
+            for e in page:
+                for key in {e.job_id, e.step_id} & wanted:
+                    if key not in found:
+                        found[key] = StepLocation(
+                            step_id=key,
+                            where="pending",
+                            entry_id=e.entry_id,
+                            consumer=e.consumer,
+                            idle_ms=e.idle_ms,
+                            deliveries=e.total_deliveries,
+                        )
+    client = redis_client(settings)
+    if snapshot.stream_exists and wanted - found.keys():
+        after = snapshot.last_delivered_id if snapshot.group_exists else None
+        start = "(" + after if after and after != "0-0" else "-"
+        for entry_id, fields in _iter_range(client, settings.stream, start=start, count=batch_size):
+            for key in {fields.get("job_id"), fields.get("step_id")} & (wanted - found.keys()):
+                found[key] = StepLocation(step_id=key, where="queued", entry_id=entry_id)
+            if not wanted - found.keys():
+                break
+    if wanted - found.keys():
+        for entry_id, fields in _iter_range(client, settings.dlq_stream, start="-", count=batch_size):
+            for key in {fields.get("job_id"), fields.get("step_id")} & (wanted - found.keys()):
+                found[key] = StepLocation(
+                    step_id=key, where="dlq", entry_id=entry_id, deliveries=_int(fields.get("deliveries"))
+                )
+            if not wanted - found.keys():
+                break
+    return {s: found.get(s) or StepLocation(step_id=s, where="nowhere") for s in step_ids}
+
+
+def _iter_range(
+    client: redis.Redis, key: str, *, start: str, count: int
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """Entries of a stream from ``start`` in pages of ``count`` (XRANGE with an exclusive cursor)."""
+    while True:
+        try:
+            page = client.xrange(key, min=start, max="+", count=count)
+        except redis.RedisError as e:
+            raise QueueError(f"cannot read `{key}`: {e}") from e
+        yield from page
+        if len(page) < count:
+            return
+        start = "(" + page[-1][0]
+
+
+# ----------------------------------------------------------------------------------------- DLQ replay
+
+
+def replay_dlq(
+    *,
+    settings: Settings,
+    flt: ReplayFilter,
+    max_entries: int = 1000,
+    batch_size: int = 1000,
+    dry_run: bool,
+) -> ReplayResult:
+    """Move chosen DLQ entries back to the stream (attempts reset), deleting them from the DLQ atomically.
+
+    Pages through the DLQ (XRANGE, or one pipelined XRANGE per id when only ids are given), filters with the
+    pure ``matches_replay`` and replays each batch in one Lua call. O(D) for a DLQ of D entries.
+    """
+    client = redis_client(settings)
+    result = ReplayResult(dry_run=dry_run)
+    script = client.register_script(queue_scripts.REPLAY_DLQ)
+    now_ms = _server_ms(client)
+    batch: list[tuple[str, dict[str, str]]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        if dry_run:
+            result.samples += [_replay_row(i, f, "would_replay", "") for i, f in batch][: SAMPLE_LIMIT - len(result.samples)]
+        else:
+            try:
+                flat = script(keys=[settings.dlq_stream, settings.stream], args=[i for i, _ in batch])
+            except redis.RedisError as e:
+                raise QueueError(f"cannot replay from `{settings.dlq_stream}`: {e}") from e
+            statuses = Counter(flat[1::3])
+            result.done = dict(Counter(result.done) + statuses)
+            rows = [_replay_row(i, f, s, n) for (i, f), s, n in zip(batch, flat[1::3], flat[2::3], strict=True)]
+            result.samples += rows[: max(0, SAMPLE_LIMIT - len(result.samples))]
+        batch.clear()
+
+    for entry_id, fields in _dlq_candidates(client, settings, flt, batch_size):
+        result.scanned += 1
+        if not matches_replay(fields, entry_id, flt, now_ms=now_ms):
+            continue
+        if result.matched >= max_entries:
+            result.cap_reached = True
+            break
+        result.matched += 1
+        batch.append((entry_id, fields))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return result
+
+
+def _dlq_candidates(
+    client: redis.Redis, settings: Settings, flt: ReplayFilter, batch_size: int
+) -> Iterable[tuple[str, dict[str, str]]]:
+    if flt.ids:
+        ids = sorted(flt.ids, key=_id_key)
+        for i in range(0, len(ids), batch_size):
+            with client.pipeline(transaction=False) as pipe:
+                for entry_id in ids[i : i + batch_size]:
+                    pipe.xrange(settings.dlq_stream, min=entry_id, max=entry_id)
+                for found in pipe.execute():
+                    yield from found
+    else:
+        yield from _iter_range(client, settings.dlq_stream, start="-", count=batch_size)
+
+
+def _replay_row(entry_id: str, fields: dict[str, str], status: str, new_id: str) -> dict[str, Any]:
+    return {
+        "dlq_id": entry_id,
+        "job_id": fields.get("job_id"),
+        "reason": fields.get("reason") or fields.get("error"),
+        "deliveries": fields.get("deliveries"),
+        "status": status,
+        "new_id": new_id,
+    }
+
+
+def _server_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def dlq_fields(fields: dict[str, str]) -> dict[str, str]:
+    """The original stream fields kept in a DLQ entry (its `fields` JSON)."""
+    try:
+        return json.loads(fields.get("fields") or "{}")
+    except ValueError:
+        return {}
+
+
+def outcome_rows(result: SweepResult) -> list[dict[str, Any]]:
+    """Counts per decision and per outcome, as report table rows."""
+    rows = [{"kind": "decided", "what": k, "count": v} for k, v in sorted(result.decided.items())]
+    rows += [{"kind": "done", "what": k, "count": v} for k, v in sorted(result.done.items())]
+    return rows
+
+
+def entry_dict(entry: PendingEntry) -> dict[str, Any]:
+    return asdict(entry)
+
+
+# ------------------------------------------------------------------------------------- Prefect tasks
+
+
+def _temporary(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only connection-level Redis errors; the Lua steps re-check, so a retry never moves twice."""
+    try:
+        state.result()
+    except QueueError as e:
+        return isinstance(e.__cause__, redis.ConnectionError | redis.TimeoutError)
+    except (redis.ConnectionError, redis.TimeoutError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+_RETRY: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": [1, 5],
+    "retry_condition_fn": _temporary,
+    "cache_policy": NO_CACHE,
+}
+
+inspect_queue_task = task(name="inspect-queue", **_RETRY)(inspect_queue)
+locate_steps_task = task(name="locate-steps", **_RETRY)(locate_steps)
+
+
+@task(name="sweep-pending-page", task_run_name="sweep-page from {start}", **_RETRY)
+def sweep_page_task(
+    *,
+    settings: Settings,
+    policy: SweepPolicy,
+    start: str = "-",
+    batch_size: int = 1000,
+    max_actions: int | None = None,
+    dry_run: bool,
+) -> SweepResult:
+    """One page of a sweep: scan, decide, act (the flow guards before calling with dry_run=False)."""
+    return sweep_page(
+        settings=settings, policy=policy, start=start, batch_size=batch_size, max_actions=max_actions,
+        dry_run=dry_run,
+    )
+
+
+def _paused(settings: Settings, dry_run: bool) -> str | None:
+    from tasks.guard import refuse_if_paused
+
+    verdict = refuse_if_paused(dry_run=dry_run, settings=settings)
+    return verdict.reason if verdict.refused and not verdict.dry_run else None
+
+
+@task(name="recover-consumers", task_run_name="recover-consumers {consumers}", **_RETRY)
+def recover_consumers_task(
+    *, settings: Settings, consumers: list[str], max_deliveries: int = 3, dry_run: bool
+) -> ConsumerRecovery:
+    """Guarded ``recover_consumers``: with the kill switch on it only reports (dry run) and says why."""
+    refused = _paused(settings, dry_run)
+    result = recover_consumers(
+        settings=settings, consumers=consumers, max_deliveries=max_deliveries, dry_run=dry_run or bool(refused)
+    )
+    result.refused = refused
+    return result
+
+
+@task(name="delete-empty-consumers", **_RETRY)
+def delete_empty_consumers_task(
+    *, settings: Settings, consumers: list[str] | None, min_idle_ms: int, dry_run: bool
+) -> ConsumerCleanup:
+    """Guarded ``delete_empty_consumers``: with the kill switch on it only reports (dry run) and says why."""
+    refused = _paused(settings, dry_run)
+    result = delete_empty_consumers(
+        settings=settings, consumers=consumers, min_idle_ms=min_idle_ms, dry_run=dry_run or bool(refused)
+    )
+    result.refused = refused
+    return result
+
+
+@task(name="replay-dlq", **_RETRY)
+def replay_dlq_task(
+    *, settings: Settings, flt: ReplayFilter, max_entries: int = 1000, batch_size: int = 1000, dry_run: bool
+) -> ReplayResult:
+    """DLQ replay in batches (the flow guards before calling with dry_run=False)."""
+    return replay_dlq(settings=settings, flt=flt, max_entries=max_entries, batch_size=batch_size, dry_run=dry_run)
