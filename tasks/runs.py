@@ -1,0 +1,492 @@
+"""FerrumDeck's runs database: table definitions, the stuck-run queries and the guarded, set-based fail.
+
+FerrumDeck owns the real schema; ``create_schema`` builds the same tables for the sandbox, the demo and tests.
+Table names come from settings (``FD_RUNS_TABLE`` / ``FD_STEPS_TABLE``). ``error`` is ``jsonb`` on PostgreSQL
+and JSON on SQLite; both dialects pass the same tests. Times are stored and returned as UTC.
+
+``steps.attempts`` counts how many times the step was re-enqueued through the gateway (0 for the first
+delivery); ``steps.kind`` ('llm' | 'tool' | ...) and ``steps.model`` feed the LLM-failover counts.
+
+Plain functions do the work (tests and the sandbox call them directly); the ``*_task`` objects at the bottom
+are the same functions as Prefect tasks that retry only temporary errors (connection loss, serialization
+failure, deadlock, SQLite busy), raised as ``RunsTemporaryError``; anything else is a ``RunsError``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypedDict
+
+import sqlalchemy as sa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Dialect
+
+from tasks.connections import db_engine
+from tasks.settings import Settings
+
+RUNNING = "running"
+UNFINISHED_STEP_STATUSES = ("running", "queued", "pending")
+QUEUED_STEP_STATUSES = ("queued", "pending")
+WORKER_TIMEOUT = {"code": "WORKER_TIMEOUT", "message": "Worker did not respond"}
+
+
+class RunsError(Exception):
+    """A runs-database operation failed for a reason that retrying will not fix."""
+
+
+class RunsTemporaryError(RunsError):
+    """A runs-database operation failed for a passing reason (connection lost, serialization, lock, busy)."""
+
+
+# --- schema -------------------------------------------------------------------------------------------
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """A timestamp stored as UTC (``timestamptz`` on PostgreSQL, naive UTC text on SQLite), read back aware."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONDoc = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+@dataclass(frozen=True)
+class RunsTables:
+    """The two tables of one configuration (their names come from settings)."""
+
+    metadata: sa.MetaData
+    runs: sa.Table
+    steps: sa.Table
+
+
+_tables_lock = threading.Lock()
+_tables_cache: dict[tuple[str, str], RunsTables] = {}
+
+
+def tables(settings: Settings) -> RunsTables:
+    """The SQLAlchemy Core tables named by ``settings.runs_table`` / ``settings.steps_table``."""
+    key = (settings.runs_table, settings.steps_table)
+    with _tables_lock:
+        found = _tables_cache.get(key)
+        if found is None:
+            found = _tables_cache[key] = _define(*key)
+        return found
+
+
+def _define(runs_name: str, steps_name: str) -> RunsTables:
+    md = sa.MetaData()
+    runs = sa.Table(
+        runs_name,
+        md,
+        sa.Column("id", sa.Text, primary_key=True),
+        sa.Column("status", sa.Text, nullable=False),
+        sa.Column("started_at", UTCDateTime, nullable=True),
+        sa.Column("completed_at", UTCDateTime, nullable=True),
+        sa.Column("agent_version_id", sa.Text, nullable=True),
+        sa.Column("error", JSONDoc, nullable=True),
+        sa.Index(f"ix_{runs_name}_status_started_at", "status", "started_at"),
+    )
+    steps = sa.Table(
+        steps_name,
+        md,
+        sa.Column("id", sa.Text, primary_key=True),
+        sa.Column("run_id", sa.Text, nullable=False),
+        sa.Column("status", sa.Text, nullable=False),
+        sa.Column("kind", sa.Text, nullable=True),
+        sa.Column("model", sa.Text, nullable=True),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("started_at", UTCDateTime, nullable=True),
+        sa.Column("completed_at", UTCDateTime, nullable=True),
+        sa.Column("error", JSONDoc, nullable=True),
+        sa.Index(f"ix_{steps_name}_run_id_status", "run_id", "status"),
+        sa.Index(f"ix_{steps_name}_kind_started_at", "kind", "started_at"),
+    )
+    return RunsTables(metadata=md, runs=runs, steps=steps)
+
+
+def create_schema(*, settings: Settings) -> None:
+    """Create the runs and steps tables and their indexes if missing (sandbox, demo, tests)."""
+    with _errors("create the runs schema"):
+        tables(settings).metadata.create_all(db_engine(settings), checkfirst=True)
+
+
+def drop_schema(*, settings: Settings) -> None:
+    """Drop the runs and steps tables if present (tests and the sandbox clean up after themselves)."""
+    with _errors("drop the runs schema"):
+        tables(settings).metadata.drop_all(db_engine(settings), checkfirst=True)
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+_TEMPORARY_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"}
+
+
+def is_temporary(error: BaseException) -> bool:
+    """True for errors a retry can fix: lost connections, serialization failures, deadlocks, busy SQLite."""
+    if isinstance(error, sa.exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        sqlstate = getattr(error.orig, "sqlstate", None)
+        if sqlstate:
+            return sqlstate in _TEMPORARY_SQLSTATES or sqlstate.startswith("08")
+        if isinstance(error, sa.exc.OperationalError):
+            text = str(error.orig).lower()
+            return "locked" in text or "busy" in text or "connection" in text or "server closed" in text
+        return isinstance(error, sa.exc.InterfaceError)
+    return isinstance(error, sa.exc.DisconnectionError | ConnectionError | TimeoutError)
+
+
+class _errors:
+    """Turn SQLAlchemy errors into ``RunsTemporaryError`` / ``RunsError`` saying what was being done."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, RunsError) or not isinstance(exc, Exception):
+            return False
+        kind = RunsTemporaryError if is_temporary(exc) else RunsError
+        detail = type(getattr(exc, "orig", None) or exc).__name__
+        raise kind(f"could not {self.what}: {detail}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def retry_if_temporary(task_obj: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a task only when it failed with ``RunsTemporaryError``."""
+    return isinstance(getattr(state, "data", None), RunsTemporaryError)
+
+
+# --- results ------------------------------------------------------------------------------------------
+
+
+class RunRow(BaseModel):
+    """One run as the stuck-run queries see it."""
+
+    id: str
+    status: str
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    agent_version_id: str | None = None
+    error: Any = None
+
+
+class StepRow(BaseModel):
+    """One step of a run."""
+
+    id: str
+    run_id: str
+    status: str
+    kind: str | None = None
+    model: str | None = None
+    attempts: int = 0
+    started_at: datetime | None = None
+
+
+class FailResult(BaseModel):
+    """What one fail call changed: ``changed`` runs were failed now; the others were left as they were."""
+
+    requested: int
+    changed: list[str]
+    unchanged: list[str]
+
+
+class ModelFailures(TypedDict):
+    """Recent LLM steps of one model: how many failed, of how many."""
+
+    failed: int
+    total: int
+
+
+# --- queries ------------------------------------------------------------------------------------------
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _id_in(column: sa.ColumnElement, ids: Sequence[str], dialect: str) -> sa.ColumnElement[bool]:
+    """``column IN ids`` as one array parameter on PostgreSQL (``= ANY(:ids)``), expanding elsewhere."""
+    if dialect == "postgresql":
+        return column == sa.any_(sa.bindparam("ids", list(ids), type_=postgresql.ARRAY(sa.Text)))
+    return column.in_(list(ids))
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise RunsError("timestamps must be timezone-aware (UTC)")
+    return value
+
+
+def find_stuck_runs(*, settings: Settings, cutoff: datetime, limit: int | None = None) -> list[RunRow]:
+    """Runs ``running`` since before ``cutoff``, oldest first, at most ``limit``.
+
+    Keyset-paged on (started_at, id) in pages of ``runs_batch_size``, each page served by the
+    (status, started_at) index: cost grows with the stuck runs returned, not with the table.
+    """
+    cutoff = _aware(cutoff)
+    r = tables(settings).runs
+    page = settings.runs_batch_size
+    base = (
+        sa.select(r.c.id, r.c.status, r.c.started_at, r.c.agent_version_id)
+        .where(r.c.status == RUNNING, r.c.started_at < cutoff)
+        .order_by(r.c.started_at, r.c.id)
+    )
+    found: list[RunRow] = []
+    last: tuple[datetime, str] | None = None
+    engine = db_engine(settings)
+    with _errors("find stuck runs"), engine.connect() as conn:
+        while limit is None or len(found) < limit:
+            size = page if limit is None else min(page, limit - len(found))
+            stmt = base
+            if last is not None:
+                stmt = stmt.where(
+                    sa.or_(r.c.started_at > last[0], sa.and_(r.c.started_at == last[0], r.c.id > last[1]))
+                )
+            rows = conn.execute(stmt.limit(size)).all()
+            conn.rollback()  # end the read transaction between pages: no long snapshot, no held locks
+            found += [
+                RunRow.model_construct(id=i, status=s, started_at=t, agent_version_id=a)
+                for i, s, t, a in rows
+            ]
+            if len(rows) < size:
+                break
+            last = (rows[-1][2], rows[-1][0])
+    return found
+
+
+def count_stuck_runs(*, settings: Settings, cutoff: datetime) -> int:
+    """How many runs are ``running`` since before ``cutoff`` (one index-only count)."""
+    r = tables(settings).runs
+    stmt = sa.select(sa.func.count()).where(r.c.status == RUNNING, r.c.started_at < _aware(cutoff))
+    with _errors("count stuck runs"), db_engine(settings).connect() as conn:
+        return int(conn.execute(stmt).scalar_one())
+
+
+def find_unfinished_steps(*, settings: Settings, run_ids: Sequence[str]) -> dict[str, list[StepRow]]:
+    """The running / queued / pending steps of these runs, by run id (one query per batch of runs)."""
+    s = tables(settings).steps
+    out: dict[str, list[StepRow]] = {run_id: [] for run_id in run_ids}
+    engine = db_engine(settings)
+    with _errors("find the steps of stuck runs"), engine.connect() as conn:
+        for chunk in _chunks(list(dict.fromkeys(run_ids)), settings.runs_batch_size):
+            stmt = (
+                sa.select(s.c.id, s.c.run_id, s.c.status, s.c.kind, s.c.model, s.c.attempts, s.c.started_at)
+                .where(
+                    _id_in(s.c.run_id, chunk, engine.dialect.name), s.c.status.in_(UNFINISHED_STEP_STATUSES)
+                )
+                .order_by(s.c.run_id, s.c.started_at, s.c.id)
+            )
+            for row in conn.execute(stmt).mappings():
+                out[row["run_id"]].append(StepRow.model_validate(dict(row)))
+    return out
+
+
+def read_runs(*, settings: Settings, run_ids: Sequence[str]) -> dict[str, RunRow]:
+    """These runs as they are now (missing ids are absent from the result); used to verify."""
+    r = tables(settings).runs
+    out: dict[str, RunRow] = {}
+    engine = db_engine(settings)
+    with _errors("read runs"), engine.connect() as conn:
+        for chunk in _chunks(list(dict.fromkeys(run_ids)), settings.runs_batch_size):
+            stmt = sa.select(r).where(_id_in(r.c.id, chunk, engine.dialect.name))
+            for row in conn.execute(stmt).mappings():
+                out[row["id"]] = RunRow.model_validate(dict(row))
+    return out
+
+
+def read_step(*, settings: Settings, run_id: str, step_id: str) -> StepRow | None:
+    """One step of one run, or None when the run has no such step."""
+    s = tables(settings).steps
+    stmt = sa.select(s.c.id, s.c.run_id, s.c.status, s.c.kind, s.c.model, s.c.attempts, s.c.started_at).where(
+        s.c.id == step_id, s.c.run_id == run_id
+    )
+    with _errors("read a step"), db_engine(settings).connect() as conn:
+        row = conn.execute(stmt).mappings().first()
+    return StepRow.model_validate(dict(row)) if row else None
+
+
+def fail_runs(
+    *,
+    settings: Settings,
+    run_ids: Sequence[str],
+    cutoff: datetime | None,
+    error: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> FailResult:
+    """Fail these runs in one transaction, one guarded ``UPDATE ... RETURNING`` per batch.
+
+    Each UPDATE re-checks ``status = 'running'`` (and ``started_at < cutoff`` when a cutoff is given), so a run
+    that completed after it was found is never touched; the result says exactly which runs changed.
+    """
+    ids = list(dict.fromkeys(run_ids))
+    if not ids:
+        return FailResult(requested=0, changed=[], unchanged=[])
+    r = tables(settings).runs
+    error = dict(WORKER_TIMEOUT if error is None else error)
+    now = _aware(now) if now is not None else datetime.now(UTC)
+    predicate = [r.c.status == RUNNING]
+    if cutoff is not None:
+        predicate.append(r.c.started_at < _aware(cutoff))
+    changed: list[str] = []
+    engine = db_engine(settings)
+    with _errors("fail runs"), engine.begin() as conn:
+        for chunk in _chunks(ids, settings.runs_batch_size):
+            stmt = (
+                sa.update(r)
+                .where(_id_in(r.c.id, chunk, engine.dialect.name), *predicate)
+                .values(status="failed", error=error, completed_at=now)
+                .returning(r.c.id)
+            )
+            changed += conn.execute(stmt).scalars().all()
+    done = set(changed)
+    return FailResult(requested=len(ids), changed=changed, unchanged=[i for i in ids if i not in done])
+
+
+def llm_failures_by_model(*, settings: Settings, since: datetime) -> dict[str, ModelFailures]:
+    """Per model: LLM steps started since ``since`` and how many of them failed (one GROUP BY)."""
+    s = tables(settings).steps
+    failed = sa.func.sum(sa.case((s.c.status == "failed", 1), else_=0))
+    stmt = (
+        sa.select(s.c.model, failed, sa.func.count())
+        .where(s.c.kind == "llm", s.c.started_at >= _aware(since), s.c.model.is_not(None))
+        .group_by(s.c.model)
+    )
+    with _errors("count LLM failures"), db_engine(settings).connect() as conn:
+        rows = conn.execute(stmt).all()
+    return {model: ModelFailures(failed=int(f or 0), total=int(t)) for model, f, t in rows}
+
+
+# --- writes used by the gateway and the sandbox ----------------------------------------------------------
+
+
+def requeue_step(*, settings: Settings, run_id: str, step_id: str) -> StepRow | None:
+    """Mark a step ``queued`` and count the attempt, unless it is already queued/pending or its run ended.
+
+    Returns the updated step, or None when nothing changed (the caller tells "unknown" from "already queued").
+    One conditional UPDATE, so two concurrent retries cannot both win.
+    """
+    t = tables(settings)
+    s, r = t.steps, t.runs
+    run_running = sa.exists().where(r.c.id == run_id, r.c.status == RUNNING)
+    stmt = (
+        sa.update(s)
+        .where(s.c.id == step_id, s.c.run_id == run_id, s.c.status.not_in(QUEUED_STEP_STATUSES), run_running)
+        .values(status="queued", attempts=s.c.attempts + 1, completed_at=None, error=None)
+        .returning(s.c.id, s.c.run_id, s.c.status, s.c.kind, s.c.model, s.c.attempts, s.c.started_at)
+    )
+    with _errors("requeue a step"), db_engine(settings).begin() as conn:
+        row = conn.execute(stmt).mappings().first()
+    return StepRow.model_validate(dict(row)) if row else None
+
+
+def _upsert(conn: Connection, table: sa.Table, values: dict[str, Any], update: dict[str, Any]) -> None:
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(table).values(**values)
+    conn.execute(stmt.on_conflict_do_update(index_elements=[table.c.id], set_=update))
+
+
+def record_step_running(
+    *,
+    settings: Settings,
+    run_id: str,
+    step_id: str,
+    kind: str | None = None,
+    model: str | None = None,
+    agent_version_id: str | None = None,
+    now: datetime | None = None,
+) -> None:
+    """A worker took a step: the run is ``running`` (kept started_at if known) and the step ``running``."""
+    t = tables(settings)
+    now = now or datetime.now(UTC)
+    with _errors("record a running step"), db_engine(settings).begin() as conn:
+        _upsert(
+            conn,
+            t.runs,
+            {"id": run_id, "status": RUNNING, "started_at": now, "agent_version_id": agent_version_id},
+            {"status": RUNNING, "started_at": sa.func.coalesce(t.runs.c.started_at, now)},
+        )
+        _upsert(
+            conn,
+            t.steps,
+            {
+                "id": step_id,
+                "run_id": run_id,
+                "status": RUNNING,
+                "kind": kind,
+                "model": model,
+                "started_at": now,
+            },
+            {"status": RUNNING, "kind": kind, "model": model, "started_at": now, "completed_at": None},
+        )
+
+
+def record_step_finished(
+    *,
+    settings: Settings,
+    run_id: str,
+    step_id: str,
+    status: str = "completed",
+    error: dict[str, Any] | None = None,
+    finish_run: bool = True,
+    now: datetime | None = None,
+) -> None:
+    """A worker finished a step (``completed`` or ``failed``); with ``finish_run`` the run ends the same way,
+    but only if it is still ``running`` (a run the sweep already failed keeps its error)."""
+    t = tables(settings)
+    now = now or datetime.now(UTC)
+    with _errors("record a finished step"), db_engine(settings).begin() as conn:
+        conn.execute(
+            sa.update(t.steps)
+            .where(t.steps.c.id == step_id, t.steps.c.run_id == run_id)
+            .values(status=status, error=error, completed_at=now)
+        )
+        if finish_run:
+            conn.execute(
+                sa.update(t.runs)
+                .where(t.runs.c.id == run_id, t.runs.c.status == RUNNING)
+                .values(status=status, error=error, completed_at=now)
+            )
+
+
+# --- Prefect tasks (the same functions, retried only on temporary errors) --------------------------------
+
+_TASK_OPTIONS: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=1),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_if_temporary,
+    "cache_policy": NO_CACHE,
+}
+
+find_stuck_runs_task = task(name="find-stuck-runs", **_TASK_OPTIONS)(find_stuck_runs)
+find_unfinished_steps_task = task(name="find-run-steps", **_TASK_OPTIONS)(find_unfinished_steps)
+read_runs_task = task(name="read-runs", **_TASK_OPTIONS)(read_runs)
+read_step_task = task(name="read-step", **_TASK_OPTIONS)(read_step)
+fail_runs_task = task(name="fail-runs", **_TASK_OPTIONS)(fail_runs)
