@@ -1,0 +1,52 @@
+"""Serve an ASGI app in-process on a free loopback port, in its own thread (sandbox stubs, tests, demo)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import uvicorn
+
+
+class ServeError(Exception):
+    """An in-process HTTP server did not start or stop in time."""
+
+
+@dataclass
+class ServedApp:
+    """A running uvicorn server: its base URL, and ``stop()``."""
+
+    url: str
+    port: int
+    server: uvicorn.Server
+    thread: threading.Thread
+    _stopped: bool = field(default=False, repr=False)
+
+    def stop(self, *, timeout_s: float = 5.0) -> None:
+        """Ask uvicorn to exit and wait for its thread (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+
+
+def serve_app(app, *, host: str = "127.0.0.1", port: int = 0, name: str = "app", timeout_s: float = 10.0) -> ServedApp:
+    """Start ``app`` on ``host:port`` (0 = a free port) and return once it accepts connections."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"sandbox-{name}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise ServeError(f"{name} did not start on {host}:{bound_port} within {timeout_s} s")
+        time.sleep(0.01)  # poll
+    return ServedApp(url=f"http://{host}:{bound_port}", port=bound_port, server=server, thread=thread)
