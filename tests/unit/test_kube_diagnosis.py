@@ -1,0 +1,397 @@
+"""Pure pod diagnosis: API objects -> PodInfo, classification, summaries, CPU quantities, rollout progress."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from kubernetes import client as k8s
+
+from tasks.kube_diagnosis import (
+    Classification,
+    PodEvent,
+    PodInfo,
+    Termination,
+    classify,
+    container_env,
+    diagnosis,
+    gone,
+    parse_cpu_millicores,
+    pick_replacement,
+    pod_event,
+    pod_info,
+    pod_metrics_millicores,
+    restart_patch,
+    rollout_progress,
+    set_env_patch,
+    wants_logs,
+)
+
+NOW = datetime(2026, 11, 27, 21, 0, 0, tzinfo=UTC)
+
+
+def v1_pod(
+    name="worker-6f9c7d-abcde",
+    *,
+    phase="Running",
+    ready=True,
+    restarts=0,
+    waiting=None,
+    last_terminated=None,
+    deleting=None,
+    conditions=None,
+    created=NOW - timedelta(hours=1),
+):
+    """A V1Pod as the official client deserializes it."""
+    state = k8s.V1ContainerState(
+        waiting=k8s.V1ContainerStateWaiting(reason=waiting[0], message=waiting[1]) if waiting else None,
+        running=None if waiting else k8s.V1ContainerStateRunning(started_at=NOW - timedelta(minutes=5)),
+    )
+    last = k8s.V1ContainerState(terminated=last_terminated) if last_terminated else None
+    status = k8s.V1ContainerStatus(
+        name="worker",
+        image="fd/worker:1",
+        image_id="sha256:1",
+        ready=ready,
+        restart_count=restarts,
+        state=state,
+        last_state=last,
+    )
+    return k8s.V1Pod(
+        metadata=k8s.V1ObjectMeta(
+            name=name, uid="uid-" + name, creation_timestamp=created, deletion_timestamp=deleting
+        ),
+        spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="worker")], node_name="node-1"),
+        status=k8s.V1PodStatus(
+            phase=phase, container_statuses=[status], conditions=conditions, pod_ip="10.0.0.7"
+        ),
+    )
+
+
+def crashed(reason="Error", code=1, ago=timedelta(minutes=1)):
+    return k8s.V1ContainerStateTerminated(
+        exit_code=code, reason=reason, started_at=NOW - ago - timedelta(seconds=5), finished_at=NOW - ago
+    )
+
+
+def kind_of(pod, cpu=250.0):
+    return classify(pod_info(pod, container="worker"), cpu_millicores=cpu, now=NOW)
+
+
+def test_pod_info_reads_every_field_the_runbook_needs():
+    info = pod_info(
+        v1_pod(
+            restarts=4, ready=False, waiting=("CrashLoopBackOff", "back-off 40s"), last_terminated=crashed()
+        ),
+        container="worker",
+    )
+    assert (info.name, info.phase, info.ready, info.restart_count) == (
+        "worker-6f9c7d-abcde",
+        "Running",
+        False,
+        4,
+    )
+    assert info.waiting_reason == "CrashLoopBackOff" and info.waiting_message == "back-off 40s"
+    assert info.last_termination == Termination(
+        reason="Error",
+        exit_code=1,
+        started_at=NOW - timedelta(minutes=1, seconds=5),
+        finished_at=NOW - timedelta(minutes=1),
+    )
+    assert (info.node, info.pod_ip, info.uid, info.terminating) == (
+        "node-1",
+        "10.0.0.7",
+        "uid-worker-6f9c7d-abcde",
+        False,
+    )
+
+
+def test_pod_info_accepts_the_json_form_of_a_pod():
+    raw = {
+        "metadata": {"name": "w-1", "uid": "u1", "creationTimestamp": "2026-11-27T20:00:00Z"},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.1.1.1",
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "ready": True,
+                    "restartCount": 2,
+                    "state": {"running": {"startedAt": "2026-11-27T20:00:05Z"}},
+                    "lastState": {
+                        "terminated": {
+                            "exitCode": 137,
+                            "reason": "OOMKilled",
+                            "finishedAt": "2026-11-27T20:00:01Z",
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    info = pod_info(raw, container="worker")
+    assert info.ready and info.restart_count == 2 and info.pod_ip == "10.1.1.1"
+    assert info.last_termination.exit_code == 137 and info.created_at == datetime(
+        2026, 11, 27, 20, tzinfo=UTC
+    )
+
+
+@pytest.mark.parametrize(
+    ("pod", "cpu", "expected"),
+    [
+        (v1_pod(), 250.0, Classification.HEALTHY),
+        (v1_pod(), None, Classification.HEALTHY),
+        (v1_pod(), 0.4, Classification.HUNG_SUSPECT),
+        (v1_pod(deleting=NOW), 250.0, Classification.TERMINATING),
+        (v1_pod(phase="Failed", ready=False), None, Classification.FAILED),
+        (v1_pod(phase="Unknown", ready=False), None, Classification.UNKNOWN),
+        (
+            v1_pod(
+                ready=False, restarts=3, waiting=("CrashLoopBackOff", "back-off"), last_terminated=crashed()
+            ),
+            0.0,
+            Classification.CRASH_LOOPING,
+        ),
+        (
+            v1_pod(
+                ready=False,
+                restarts=3,
+                waiting=("CrashLoopBackOff", "back-off"),
+                last_terminated=crashed("OOMKilled", 137),
+            ),
+            0.0,
+            Classification.OOM_KILLED,
+        ),
+        (v1_pod(restarts=1, last_terminated=crashed("OOMKilled", 137)), 250.0, Classification.OOM_KILLED),
+        (
+            v1_pod(restarts=1, last_terminated=crashed("OOMKilled", 137, ago=timedelta(hours=2))),
+            250.0,
+            Classification.HEALTHY,
+        ),
+        (v1_pod(restarts=1, last_terminated=crashed()), 250.0, Classification.RECENTLY_RESTARTED),
+        (
+            v1_pod(phase="Pending", ready=False, waiting=("ImagePullBackOff", "pull access denied")),
+            None,
+            Classification.IMAGE_PULL_FAILURE,
+        ),
+        (
+            v1_pod(phase="Pending", ready=False, waiting=("CreateContainerConfigError", "secret not found")),
+            None,
+            Classification.CONFIG_ERROR,
+        ),
+        (
+            v1_pod(phase="Pending", ready=False, waiting=("ContainerCreating", None)),
+            None,
+            Classification.STARTING,
+        ),
+        (v1_pod(ready=False), 250.0, Classification.NOT_READY),
+        (
+            v1_pod(
+                phase="Pending",
+                ready=False,
+                waiting=("Pending", None),
+                conditions=[
+                    k8s.V1PodCondition(
+                        type="PodScheduled",
+                        status="False",
+                        reason="Unschedulable",
+                        message="0/3 nodes are available: 3 Insufficient cpu.",
+                    )
+                ],
+            ),
+            None,
+            Classification.UNSCHEDULABLE,
+        ),
+    ],
+)
+def test_classification(pod, cpu, expected):
+    assert kind_of(pod, cpu) is expected
+
+
+def test_summary_of_a_crash_loop_names_restarts_exit_event_and_last_log_line():
+    pod = pod_info(
+        v1_pod(
+            ready=False, restarts=5, waiting=("CrashLoopBackOff", "back-off 40s"), last_terminated=crashed()
+        ),
+        container="worker",
+    )
+    d = diagnosis(
+        pod,
+        cpu_millicores=0.0,
+        now=NOW,
+        events=[PodEvent(type="Warning", reason="BackOff", message="Back-off restarting", count=7)],
+        log_tail=["starting", "Traceback (most recent call last):", "RuntimeError: boom", ""],
+    )
+    assert d.classification is Classification.CRASH_LOOPING and not d.healthy
+    assert d.summary.startswith(
+        "worker-6f9c7d-abcde: crash-looping: 5 restarts, last exit 1 (Error) at 20:59:00Z"
+    )
+    assert "event BackOff x7" in d.summary and d.summary.endswith("log: RuntimeError: boom")
+
+
+def test_summaries_are_one_line_for_every_classification():
+    pods = [v1_pod(), v1_pod(deleting=NOW), v1_pod(ready=False, waiting=("ErrImagePull", "no such\nimage"))]
+    for pod in pods:
+        d = diagnosis(pod_info(pod), cpu_millicores=1.0, now=NOW, log_tail=["a\nb"])
+        assert "\n" not in d.summary and d.summary.startswith(d.name + ": ")
+    assert gone("worker-x").summary == "worker-x: gone: no such worker pod"
+
+
+def test_logs_are_wanted_only_for_unhealthy_pods_and_previous_after_a_crash():
+    crash = pod_info(
+        v1_pod(ready=False, restarts=2, waiting=("CrashLoopBackOff", ""), last_terminated=crashed())
+    )
+    hung = pod_info(v1_pod())
+    pending = pod_info(v1_pod(phase="Pending", ready=False, waiting=("ContainerCreating", None)))
+    assert wants_logs(crash, Classification.CRASH_LOOPING) == "previous"
+    assert wants_logs(hung, Classification.HUNG_SUSPECT) == "current"
+    assert wants_logs(hung, Classification.HEALTHY) is None
+    assert wants_logs(pending, Classification.STARTING) is None
+
+
+@pytest.mark.parametrize(
+    ("quantity", "millicores"),
+    [
+        ("250m", 250.0),
+        ("12345678n", 12.345678),
+        ("500u", 0.5),
+        ("1", 1000.0),
+        ("1.5", 1500.0),
+        ("0", 0.0),
+        (2, 2000.0),
+        ("2k", 2_000_000.0),
+    ],
+)
+def test_parse_cpu_quantities(quantity, millicores):
+    assert parse_cpu_millicores(quantity) == pytest.approx(millicores)
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "10Mi", "-"])
+def test_parse_cpu_rejects_garbage(bad):
+    with pytest.raises(ValueError):
+        parse_cpu_millicores(bad)
+
+
+@given(st.integers(min_value=0, max_value=10**12))
+def test_nanocores_and_millicores_agree(n):
+    assert parse_cpu_millicores(f"{n}n") == pytest.approx(n / 1e6)
+
+
+def test_pod_metrics_sum_containers_per_pod():
+    items = [
+        {
+            "metadata": {"name": "a"},
+            "containers": [
+                {"name": "w", "usage": {"cpu": "250m"}},
+                {"name": "s", "usage": {"cpu": "1000000n"}},
+            ],
+        },
+        {"metadata": {"name": "b"}, "containers": [{"name": "w", "usage": {"memory": "1Mi"}}]},
+    ]
+    assert pod_metrics_millicores(items) == {"a": 251.0, "b": 0.0}
+
+
+def test_pick_replacement_waits_for_the_old_pod_to_go_and_a_new_one_to_be_ready():
+    old = PodInfo(name="w-old", ready=True, created_at=NOW - timedelta(hours=1))
+    other = PodInfo(name="w-other", ready=True, created_at=NOW - timedelta(hours=1))
+    new_pending = PodInfo(name="w-new", ready=False, created_at=NOW)
+    new_ready = new_pending.model_copy(update={"ready": True})
+    previous = {"w-old", "w-other"}
+    assert pick_replacement([old, other, new_ready], old_pod="w-old", previous=previous, since=None) is None
+    assert pick_replacement([other, new_pending], old_pod="w-old", previous=previous, since=None) is None
+    assert (
+        pick_replacement([other, new_ready], old_pod="w-old", previous=previous, since=None).name == "w-new"
+    )
+    # without the previous names: pods created since the old one began terminating
+    assert pick_replacement([other, new_ready], old_pod="w-old", previous=None, since=NOW).name == "w-new"
+    assert pick_replacement([other], old_pod="w-old", previous=None, since=NOW) is None
+
+
+def _deployment(*, generation=2, observed=2, replicas=3, updated=3, total=3, available=3, conditions=None):
+    return k8s.V1Deployment(
+        metadata=k8s.V1ObjectMeta(name="worker", generation=generation),
+        spec=k8s.V1DeploymentSpec(
+            replicas=replicas,
+            selector=k8s.V1LabelSelector(match_labels={"app": "worker"}),
+            template=k8s.V1PodTemplateSpec(),
+        ),
+        status=k8s.V1DeploymentStatus(
+            observed_generation=observed,
+            replicas=total,
+            updated_replicas=updated,
+            available_replicas=available,
+            conditions=conditions,
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("deployment", "complete", "message"),
+    [
+        (_deployment(), True, 'deployment "worker" successfully rolled out'),
+        (_deployment(observed=1), False, "waiting for deployment spec update to be observed"),
+        (_deployment(updated=1, total=4), False, "1 out of 3 new replicas have been updated"),
+        (_deployment(total=4), False, "1 old replicas are pending termination"),
+        (_deployment(available=2), False, "2 of 3 updated replicas are available"),
+        (
+            _deployment(
+                conditions=[
+                    k8s.V1DeploymentCondition(
+                        type="Progressing", status="False", reason="ProgressDeadlineExceeded"
+                    )
+                ]
+            ),
+            False,
+            'deployment "worker" exceeded its progress deadline',
+        ),
+    ],
+)
+def test_rollout_progress_follows_kubectl(deployment, complete, message):
+    assert rollout_progress(deployment) == (complete, message)
+
+
+def test_container_env_and_patches():
+    dep = {
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "worker",
+                            "env": [{"name": "LITELLM_MODEL", "value": "openai/gpt-4o"}, {"name": "EMPTY"}],
+                        }
+                    ]
+                }
+            }
+        }
+    }
+    assert container_env(dep, container="worker", name="LITELLM_MODEL") == (True, "openai/gpt-4o")
+    assert container_env(dep, container="worker", name="EMPTY") == (True, "")
+    assert container_env(dep, container="worker", name="NOPE") == (True, None)
+    assert container_env(dep, container="sidecar", name="LITELLM_MODEL") == (False, None)
+    assert set_env_patch(container="worker", name="K", value=None)["spec"]["template"]["spec"][
+        "containers"
+    ] == [{"name": "worker", "env": [{"$patch": "delete", "name": "K"}]}]
+    assert set_env_patch(container="worker", name="K", value="v")["spec"]["template"]["spec"]["containers"][
+        0
+    ]["env"] == [{"name": "K", "value": "v"}]
+    annotations = restart_patch(restarted_at="2026-11-27T21:00:00Z")["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert annotations == {"kubectl.kubernetes.io/restartedAt": "2026-11-27T21:00:00Z"}
+
+
+def test_pod_event_prefers_last_timestamp():
+    e = pod_event(
+        k8s.CoreV1Event(
+            metadata=k8s.V1ObjectMeta(name="e"),
+            involved_object=k8s.V1ObjectReference(name="p"),
+            type="Warning",
+            reason="BackOff",
+            message="Back-off",
+            count=3,
+            first_timestamp=NOW - timedelta(minutes=5),
+            last_timestamp=NOW,
+        )
+    )
+    assert e == PodEvent(type="Warning", reason="BackOff", message="Back-off", count=3, last_seen=NOW)
