@@ -18,8 +18,10 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 import uvicorn
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -30,6 +32,7 @@ from starlette.routing import Route
 from tasks import runs
 from tasks.connections import redis_client
 from tasks.gateway import InvalidIdError, validate_id
+from tasks.queue import QueueError, locate_steps
 from tasks.settings import Settings, get_settings
 
 
@@ -41,18 +44,16 @@ class Fault:
     retry_after: str | None = None
 
 
-def _queue_location(settings: Settings, step_id: str) -> str | None:
-    """Where the step is in the stream ("pending", "queued", "dlq", "nowhere"), via the queue tasks if present."""
-    try:
-        from tasks.queue import locate_steps
-    except ImportError:  # the queue tasks are optional for the gateway
-        return None
-    found = locate_steps(settings=settings, step_ids=[step_id]).get(step_id)
-    return found.where if found is not None else None
+def _queue_location(settings: Settings, step_id: str) -> str:
+    """Where the step is in the stream: "pending", "queued", "dlq" or "nowhere"."""
+    return locate_steps(settings=settings, step_ids=[step_id])[step_id].where
 
 
-def create_app(*, settings: Settings, api_key: SecretStr | str) -> Starlette:
-    """The gateway app, acting on ``settings``' runs database and stream, accepting only ``api_key``."""
+def create_app(*, settings: Settings | Callable[[], Settings], api_key: SecretStr | str) -> Starlette:
+    """The gateway app, acting on ``settings``' runs database and stream, accepting only ``api_key``.
+
+    ``settings`` may be a callable (e.g. ``get_settings``) read per request, so one server can follow the
+    settings in force (tests give each test its own tables and stream)."""
     secret = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
     if not secret.get_secret_value():
         raise ValueError("the sandbox gateway needs a non-empty API key")
@@ -62,6 +63,7 @@ def create_app(*, settings: Settings, api_key: SecretStr | str) -> Starlette:
 
     def retry(request: Request) -> JSONResponse:
         stats["calls"] += 1
+        current = settings() if callable(settings) else settings
         if faults:
             fault = faults.popleft()
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
@@ -78,22 +80,28 @@ def create_app(*, settings: Settings, api_key: SecretStr | str) -> Starlette:
             step_id = validate_id(request.path_params["step_id"], what="step id")
         except InvalidIdError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        step = runs.read_step(settings=settings, run_id=run_id, step_id=step_id)
+        try:
+            return _requeue(current, run_id, step_id)
+        except (runs.RunsError, QueueError, redis.RedisError) as e:
+            return JSONResponse({"error": f"unavailable: {type(e).__name__}"}, status_code=503)
+
+    def _requeue(current: Settings, run_id: str, step_id: str) -> JSONResponse:
+        step = runs.read_step(settings=current, run_id=run_id, step_id=step_id)
         if step is None:
             return JSONResponse({"error": f"unknown run {run_id} or step {step_id}"}, status_code=404)
         if step.status in runs.QUEUED_STEP_STATUSES:
             return JSONResponse({"error": f"step {step_id} is already {step.status}"}, status_code=409)
-        where = _queue_location(settings, step_id)
+        where = _queue_location(current, step_id)
         if where in ("pending", "queued"):
             return JSONResponse({"error": f"step {step_id} is already {where} in the queue"}, status_code=409)
-        updated = runs.requeue_step(settings=settings, run_id=run_id, step_id=step_id)
+        updated = runs.requeue_step(settings=current, run_id=run_id, step_id=step_id)
         if updated is None:
             return JSONResponse(
                 {"error": f"step {step_id} was queued meanwhile, or run {run_id} is not running"},
                 status_code=409,
             )
-        entry_id = redis_client(settings).xadd(
-            settings.stream, {"job_id": step_id, "run_id": run_id, "step_id": step_id}
+        entry_id = redis_client(current).xadd(
+            current.stream, {"job_id": step_id, "run_id": run_id, "step_id": step_id}
         )
         stats["retried"] += 1
         return JSONResponse(
@@ -119,7 +127,12 @@ class GatewayServer:
     """The sandbox gateway served by uvicorn in a background thread on a free loopback port."""
 
     def __init__(
-        self, *, settings: Settings, api_key: SecretStr | str, host: str = "127.0.0.1", port: int = 0
+        self,
+        *,
+        settings: Settings | Callable[[], Settings],
+        api_key: SecretStr | str,
+        host: str = "127.0.0.1",
+        port: int = 0,
     ):
         self.app = create_app(settings=settings, api_key=api_key)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
