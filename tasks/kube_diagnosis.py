@@ -344,6 +344,36 @@ def gone(name: str) -> PodDiagnosis:
     return d
 
 
+_ERROR_LINE = re.compile(r"traceback|error|exception|fatal|panic|killed|oom", re.IGNORECASE)
+
+NEXT_STEP: dict[Classification, str] = {
+    Classification.CRASH_LOOPING: "run `worker-crash-recovery` (recover its pending steps, dead-letter a poison step)",
+    Classification.OOM_KILLED: "run `worker-crash-recovery`; raise the worker's memory limit if it recurs",
+    Classification.HUNG_SUSPECT: "run `worker-hang-recovery` (confirms the hang from the queue, then replaces it)",
+    Classification.NOT_READY: "watch it; if it stays not Ready, `worker-hang-recovery`",
+    Classification.RECENTLY_RESTARTED: "read the previous logs; `worker-crash-recovery` recovers its old entries",
+    Classification.UNSCHEDULABLE: "add capacity or lower requests; deleting it will not help",
+    Classification.IMAGE_PULL_FAILURE: "fix the image reference or registry credentials; deleting it will not help",
+    Classification.CONFIG_ERROR: "fix the missing ConfigMap/Secret or container config; deleting it will not help",
+    Classification.FAILED: "delete it so the ReplicaSet replaces it; read its logs first",
+    Classification.TERMINATING: "wait for its replacement (`kubectl get pods -l app=worker -w`)",
+    Classification.STARTING: "wait: it is starting",
+    Classification.UNKNOWN: "check its node: the kubelet stopped reporting",
+    Classification.GONE: "nothing: it no longer exists",
+}
+
+
+def relevant_log_lines(lines: list[str], *, limit: int = 20) -> list[str]:
+    """The log lines worth showing: from the last traceback on, else the tail from its first error line."""
+    lines = [ln for ln in lines if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].lstrip().startswith("Traceback"):
+            return lines[i : i + limit]
+    window = lines[-limit:]
+    first_error = next((i for i, ln in enumerate(window) if _ERROR_LINE.search(ln)), 0)
+    return window[first_error:]
+
+
 # ---------------------------------------------------------------- replacements
 
 

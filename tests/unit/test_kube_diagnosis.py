@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from kubernetes import client as k8s
 
 from tasks.kube_diagnosis import (
+    NEXT_STEP,
     Classification,
     PodEvent,
     PodInfo,
@@ -21,6 +22,7 @@ from tasks.kube_diagnosis import (
     pod_event,
     pod_info,
     pod_metrics_millicores,
+    relevant_log_lines,
     restart_patch,
     rollout_progress,
     set_env_patch,
@@ -395,3 +397,24 @@ def test_pod_event_prefers_last_timestamp():
         )
     )
     assert e == PodEvent(type="Warning", reason="BackOff", message="Back-off", count=3, last_seen=NOW)
+
+
+def test_relevant_log_lines_start_at_the_last_traceback_or_first_error():
+    tb = [
+        "boot",
+        "Traceback (most recent call last):",
+        "  File x",
+        "ValueError: a",
+        "retry",
+        "Traceback (most recent call last):",
+        "  File y",
+        "RuntimeError: b",
+    ]
+    assert relevant_log_lines(tb) == tb[5:]
+    assert relevant_log_lines(["ok 1", "ok 2", "ERROR redis gone", "ok 3"]) == ["ERROR redis gone", "ok 3"]
+    assert relevant_log_lines([f"line {i}" for i in range(40)], limit=3) == ["line 37", "line 38", "line 39"]
+    assert relevant_log_lines(["", "  ", "x"]) == ["x"]
+
+
+def test_every_problem_has_a_next_step():
+    assert set(NEXT_STEP) == set(Classification) - {Classification.HEALTHY}
