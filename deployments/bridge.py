@@ -1,0 +1,341 @@
+"""The alert bridge: Alertmanager / Grafana webhooks in, Prefect events out (``fd-recovery bridge``).
+
+Prefect's open-source server has no webhooks, and it rejects Alertmanager's body, so this small Starlette
+service authenticates the sender (Bearer token or HTTP Basic, constant-time), validates the body (4xx with a
+clear message, never 5xx; 413 over the size limit), drops duplicates, and delivers one event per alert with
+a single ``POST {PREFECT_API_URL}/events``. When Prefect does not take them it answers 503, so Alertmanager
+retries, and it forgets the alerts it could not deliver, so the retry is not dropped as a duplicate.
+
+Endpoints: ``POST /alertmanager``, ``POST /grafana``, ``GET /healthz``, ``GET /heartbeat`` (when a heartbeat
+alert — ``Watchdog`` / ``FerrumDeckHeartbeat`` — last arrived; the post-recovery check reads it).
+
+Dedupe lives in memory unless ``FD_BRIDGE_REDIS_URL`` is set: run several replicas only with Redis.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from deployments.alerts import (
+    WEBHOOK_MODELS,
+    DedupeError,
+    Deduper,
+    MemoryDeduper,
+    RedisDeduper,
+    Source,
+    translate,
+)
+
+log = logging.getLogger("ferrumdeck.bridge")
+
+MIB = 1024 * 1024
+
+
+class BridgeError(Exception):
+    """The bridge cannot start (bad configuration)."""
+
+
+class BridgeSettings(BaseSettings):
+    """Settings of the alert bridge (env prefix ``FD_BRIDGE_``).
+
+    FD_BRIDGE_HOST, FD_BRIDGE_PORT, FD_BRIDGE_TOKEN, FD_BRIDGE_BASIC_USER, FD_BRIDGE_BASIC_PASSWORD,
+    FD_BRIDGE_DEDUPE_WINDOW_S, FD_BRIDGE_MAX_BODY_BYTES, FD_BRIDGE_PREFECT_API_URL,
+    FD_BRIDGE_PREFECT_TIMEOUT_S, FD_BRIDGE_REDIS_URL, FD_BRIDGE_REDIS_PREFIX. The Prefect API URL and
+    credentials otherwise come from Prefect's own settings (PREFECT_API_URL, PREFECT_API_AUTH_STRING).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FD_BRIDGE_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container).")
+    port: int = Field(9095, ge=1, le=65535, description="Port to listen on.")
+    token: SecretStr | None = Field(None, description="Bearer token senders must present (>= 16 chars).")
+    basic_user: SecretStr | None = Field(None, description="HTTP Basic user senders may present instead.")
+    basic_password: SecretStr | None = Field(None, description="HTTP Basic password (with basic_user).")
+    dedupe_window_s: float = Field(300.0, ge=0, description="Same alert notification within this is dropped.")
+    max_body_bytes: int = Field(MIB, ge=1024, description="Larger bodies get 413.")
+    prefect_api_url: str | None = Field(None, description="Prefect API URL; default: PREFECT_API_URL.")
+    prefect_timeout_s: float = Field(5.0, gt=0, le=60, description="Timeout of the POST to Prefect.")
+    redis_url: SecretStr | None = Field(None, description="Redis for dedupe and heartbeat shared by replicas.")
+    redis_prefix: str = Field("fd:bridge", min_length=1, description="Redis key prefix of the bridge's state.")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> BridgeSettings:
+        if self.token is not None and len(self.token.get_secret_value()) < 16:
+            raise ValueError("FD_BRIDGE_TOKEN must be at least 16 characters")
+        if (self.basic_user is None) != (self.basic_password is None):
+            raise ValueError("set both FD_BRIDGE_BASIC_USER and FD_BRIDGE_BASIC_PASSWORD, or neither")
+        if self.basic_password is not None and not self.basic_password.get_secret_value():
+            raise ValueError("FD_BRIDGE_BASIC_PASSWORD must not be empty")
+        if self.token is None and self.basic_user is None:
+            raise ValueError("the bridge needs credentials: FD_BRIDGE_TOKEN and/or FD_BRIDGE_BASIC_USER/PASSWORD")
+        return self
+
+
+class PrefectTarget(BaseModel):
+    """Where events go and the Authorization header to send (never logged)."""
+
+    events_url: str
+    authorization: SecretStr | None = None
+
+
+def prefect_target(settings: BridgeSettings) -> PrefectTarget:
+    """Resolve the Prefect API (override, else Prefect's settings) and its credentials."""
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api
+    url = settings.prefect_api_url or api.url
+    if not url:
+        raise BridgeError("no Prefect API: set PREFECT_API_URL (or FD_BRIDGE_PREFECT_API_URL)")
+    authorization = None
+    if api.auth_string is not None:
+        encoded = base64.b64encode(api.auth_string.get_secret_value().encode()).decode()
+        authorization = SecretStr(f"Basic {encoded}")
+    elif api.key is not None:
+        authorization = SecretStr(f"Bearer {api.key.get_secret_value()}")
+    return PrefectTarget(events_url=url.rstrip("/") + "/events", authorization=authorization)
+
+
+def authorized(header: str | None, *, settings: BridgeSettings) -> bool:
+    """True when the Authorization header carries the bridge's token or Basic credentials (constant time)."""
+    if not header:
+        return False
+    scheme, _, credentials = header.strip().partition(" ")
+    scheme, credentials = scheme.lower(), credentials.strip()
+    if scheme == "bearer" and settings.token is not None:
+        return hmac.compare_digest(credentials.encode(), settings.token.get_secret_value().encode())
+    if scheme == "basic" and settings.basic_user is not None and settings.basic_password is not None:
+        try:
+            decoded = base64.b64decode(credentials.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            return False
+        user, sep, password = decoded.partition(b":")
+        user_ok = hmac.compare_digest(user, settings.basic_user.get_secret_value().encode())
+        password_ok = hmac.compare_digest(password, settings.basic_password.get_secret_value().encode())
+        return bool(sep) and user_ok and password_ok
+    return False
+
+
+class Heartbeat:
+    """When a heartbeat alert last arrived (in memory, and in Redis when the bridge has one)."""
+
+    def __init__(self, *, redis: Any = None, key: str = "") -> None:
+        self._redis = redis
+        self._key = key
+        self.last_seen: float | None = None
+        self.alertname: str | None = None
+        self.count = 0
+
+    async def record(self, alertname: str) -> None:
+        from redis.exceptions import RedisError
+
+        self.last_seen, self.alertname = time.time(), alertname
+        self.count += 1
+        if self._redis is not None:
+            try:
+                await self._redis.set(self._key, json.dumps({"last_seen": self.last_seen, "alertname": alertname}))
+            except (RedisError, OSError) as e:
+                log.warning("heartbeat not stored in Redis (%s); kept in memory", type(e).__name__)
+
+    async def read(self) -> dict[str, Any]:
+        from redis.exceptions import RedisError
+
+        last_seen, alertname = self.last_seen, self.alertname
+        if self._redis is not None:
+            try:
+                raw = await self._redis.get(self._key)
+            except (RedisError, OSError) as e:
+                log.warning("heartbeat not read from Redis (%s); using memory", type(e).__name__)
+                raw = None
+            if raw:
+                stored = json.loads(raw)
+                if stored.get("last_seen", 0) > (last_seen or 0):
+                    last_seen, alertname = stored["last_seen"], stored["alertname"]
+        return {
+            "last_seen": datetime.fromtimestamp(last_seen, UTC).isoformat() if last_seen else None,
+            "age_s": round(time.time() - last_seen, 3) if last_seen else None,
+            "alertname": alertname,
+            "count": self.count,
+        }
+
+
+def _problem(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it is larger than ``limit`` (checked as it streams in)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    settings: BridgeSettings,
+    *,
+    http_client: httpx.AsyncClient | None = None,
+    deduper: Deduper | None = None,
+    target: PrefectTarget | None = None,
+) -> Starlette:
+    """The bridge as an ASGI app; tests inject the HTTP client (a stub Prefect) and the deduper."""
+    target = target or prefect_target(settings)
+    redis = None
+    if settings.redis_url is not None:
+        import redis.asyncio as redis_asyncio
+
+        redis = redis_asyncio.Redis.from_url(settings.redis_url.get_secret_value())
+    if deduper is None:
+        deduper = (
+            RedisDeduper(client=redis, prefix=settings.redis_prefix, window_s=settings.dedupe_window_s)
+            if redis is not None
+            else MemoryDeduper(window_s=settings.dedupe_window_s)
+        )
+    heartbeat = Heartbeat(redis=redis, key=f"{settings.redis_prefix}:heartbeat")
+    state: dict[str, httpx.AsyncClient] = {}
+    if http_client is not None:
+        state["client"] = http_client
+
+    def client() -> httpx.AsyncClient:
+        if "client" not in state:  # no lifespan ran (a bare ASGI transport): make one now
+            state["client"] = httpx.AsyncClient(timeout=settings.prefect_timeout_s)
+        return state["client"]
+
+    async def deliver(events: list[dict[str, Any]]) -> bool:
+        headers = {"Authorization": target.authorization.get_secret_value()} if target.authorization else {}
+        try:
+            response = await client().post(
+                target.events_url, json=events, headers=headers, timeout=settings.prefect_timeout_s
+            )
+        except httpx.HTTPError as e:
+            log.warning("Prefect API unreachable (%s): %d events not delivered", type(e).__name__, len(events))
+            return False
+        if not response.is_success:
+            log.warning("Prefect API answered %d: %d events not delivered", response.status_code, len(events))
+            return False
+        return True
+
+    async def webhook(request: Request, source: Source) -> Response:
+        if not authorized(request.headers.get("authorization"), settings=settings):
+            return JSONResponse(
+                {"error": "unauthorized: send a Bearer token or HTTP Basic credentials"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="fd-bridge", Basic realm="fd-bridge"'},
+            )
+        body = await _read_body(request, settings.max_body_bytes)
+        if body is None:
+            return _problem(413, f"body larger than {settings.max_body_bytes} bytes")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            return _problem(400, "body is not valid JSON")
+        try:
+            group = WEBHOOK_MODELS[source].model_validate(data)
+        except ValidationError as e:
+            errors = json.loads(e.json(include_url=False, include_input=False, include_context=False))
+            return _problem(422, f"not a {source} webhook body", details=errors[:20])
+        except RecursionError:
+            return _problem(400, "body is nested too deeply")
+        translated, heartbeats = translate(
+            group, source=source, occurred=datetime.now(UTC), new_id=uuid.uuid4
+        )
+        for alert in heartbeats:
+            await heartbeat.record(alert.alertname)
+        if group.truncatedAlerts:
+            log.warning("%s truncated %d alerts of group %r", source, group.truncatedAlerts, group.groupKey)
+        retry_later = JSONResponse(
+            {"error": "Prefect API did not accept the events; retry"}, status_code=503, headers={"Retry-After": "5"}
+        )
+        try:
+            claimed = set(await deduper.claim([t.key for t in translated]))
+        except DedupeError as e:
+            log.warning("%s; asking the sender to retry", e)
+            return retry_later
+        fresh = [t for t in translated if t.key in claimed]
+        if fresh and not await deliver([t.event for t in fresh]):
+            try:
+                await deduper.release(claimed)
+            except DedupeError as e:  # the keys expire with the window; a retry inside it is dropped
+                log.warning("%s; could not forget undelivered alerts", e)
+            return retry_later
+        for t in fresh:
+            log.info("alert %s %s fingerprint=%s -> event", t.alertname, t.event["event"], t.fingerprint)
+        result = {
+            "events": len(fresh),
+            "duplicates": len(translated) - len(fresh),
+            "heartbeats": len(heartbeats),
+            "truncatedAlerts": group.truncatedAlerts,
+        }
+        return JSONResponse(result)
+
+    async def alertmanager(request: Request) -> Response:
+        return await webhook(request, "alertmanager")
+
+    async def grafana(request: Request) -> Response:
+        return await webhook(request, "grafana")
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def heartbeat_view(request: Request) -> Response:
+        return JSONResponse(await heartbeat.read())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        owned = "client" not in state
+        if owned:
+            state["client"] = httpx.AsyncClient(timeout=settings.prefect_timeout_s)
+        try:
+            yield
+        finally:
+            if owned:
+                await state.pop("client").aclose()
+            if redis is not None:
+                await redis.aclose()
+
+    app = Starlette(
+        routes=[
+            Route("/alertmanager", alertmanager, methods=["POST"]),
+            Route("/grafana", grafana, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/heartbeat", heartbeat_view, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.deduper = deduper
+    app.state.heartbeat = heartbeat
+    app.state.target = target
+    return app
+
+
+def run_bridge(settings: BridgeSettings, *, log_level: str = "info") -> None:
+    """Serve the bridge with uvicorn until interrupted (``fd-recovery bridge``)."""
+    import uvicorn
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(settings)
+    log.info("alert bridge on %s:%d -> %s", settings.host, settings.port, app.state.target.events_url)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, proxy_headers=False)

@@ -1,0 +1,73 @@
+"""``fd-recovery``: one command for every long-running part of ferrumdeck-recovery.
+
+Subcommands import their own module only when chosen, so ``fd-recovery --help`` stays fast.
+Each subcommand is registered by an ``_add_<name>(subparsers)`` function below; add new ones the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _bridge(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from deployments.bridge import BridgeError, BridgeSettings, run_bridge
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    try:
+        settings = BridgeSettings(**overrides)
+        run_bridge(settings, log_level=args.log_level)
+    except ValidationError as e:  # the messages only: the input may hold the token
+        for error in e.errors(include_input=False, include_url=False):
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            print(f"fd-recovery bridge: {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    except BridgeError as e:
+        print(f"fd-recovery bridge: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_bridge(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bridge",
+        help="run the alert bridge (Alertmanager/Grafana webhooks -> Prefect events)",
+        description="Serve POST /alertmanager, POST /grafana, GET /healthz, GET /heartbeat. "
+        "Settings: FD_BRIDGE_* environment variables (see README); Prefect API from PREFECT_API_URL.",
+    )
+    p.add_argument("--host", default=None, help="listen address (default FD_BRIDGE_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default FD_BRIDGE_PORT or 9095)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=_bridge)
+
+
+# --- other subcommands -------------------------------------------------------------------------------
+# `serve`   (deployments/serve.py, the lead):       add `_add_serve(subparsers)` here and to _REGISTRARS.
+# `sandbox` (sandbox/__main__.py or sandbox CLI):   add `_add_sandbox(subparsers)` here and to _REGISTRARS.
+# `demo`    (deployments/demo.py):                  add `_add_demo(subparsers)` here and to _REGISTRARS.
+# Each handler imports its own module lazily and returns an exit code.
+# ------------------------------------------------------------------------------------------------------
+
+_REGISTRARS = [_add_bridge]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fd-recovery`` argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="fd-recovery", description="ferrumdeck-recovery: Prefect runbook automation")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in _REGISTRARS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fd-recovery`` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
