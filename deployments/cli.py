@@ -44,6 +44,25 @@ def _add_bridge(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_bridge)
 
 
+def _sandbox(args: argparse.Namespace) -> int:
+    from sandbox.__main__ import run
+
+    return run(args)
+
+
+def _add_sandbox(subparsers: argparse._SubParsersAction) -> None:
+    from sandbox.__main__ import add_arguments  # argparse only: cheap
+
+    p = subparsers.add_parser(
+        "sandbox",
+        help="run the living sandbox FerrumDeck (cluster, workers, gateway, MCP, LLM status) until interrupted",
+        description="Start the sandbox FerrumDeck in-process; print the kubeconfig path and URLs; "
+        "write <state-dir>/sandbox.env with the FD_* settings for the recovery flows.",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=_sandbox)
+
+
 # --- other subcommands -------------------------------------------------------------------------------
 # `serve`   (deployments/serve.py, the lead):       add `_add_serve(subparsers)` here and to _REGISTRARS.
 # `sandbox` (sandbox/__main__.py or sandbox CLI):   add `_add_sandbox(subparsers)` here and to _REGISTRARS.
@@ -51,7 +70,7 @@ def _add_bridge(subparsers: argparse._SubParsersAction) -> None:
 # Each handler imports its own module lazily and returns an exit code.
 # ------------------------------------------------------------------------------------------------------
 
-_REGISTRARS = [_add_bridge]
+_REGISTRARS = [_add_bridge, _add_sandbox]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,10 +18,6 @@ import sys
 import threading
 from pathlib import Path
 
-from pydantic import SecretStr
-
-from tasks.settings import Settings
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The sandbox's options (shared by ``python -m sandbox`` and ``fd-recovery sandbox``)."""
@@ -40,7 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Start the sandbox, print where it is, and serve until SIGINT/SIGTERM (or ``--exit-after``)."""
+    from pydantic import SecretStr
+
     from sandbox.services import SandboxServices
+    from tasks.settings import Settings
 
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
