@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import redis
 from prefect import task
@@ -106,8 +105,7 @@ class StepLocation(BaseModel):
     deliveries: int | None = None
 
 
-@dataclass(slots=True, frozen=True)
-class PendingEntry:
+class PendingEntry(NamedTuple):
     """One entry of the pending list (XPENDING) with what its fields say (attempts, job/step ids)."""
 
     entry_id: str
@@ -125,8 +123,9 @@ class PendingEntry:
         return self.attempts + self.deliveries
 
 
-@dataclass(slots=True, frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """What to do with one pending entry, and why (shown in reports and written to the DLQ)."""
+
     action: Action
     reason: str
 
@@ -326,25 +325,18 @@ def scan_pending(
 ) -> list[PendingEntry]:
     """One page of the pending list from ``start`` (``"(id"`` = after id), with attempts and job ids.
 
-    One Lua call: XPENDING of ``count`` entries plus XRANGE id id per entry; O(count · log N), read-only.
+    One read-only Lua call: XPENDING of ``count`` entries plus one range XRANGE over their ids, O(count + log N)
+    (sparse ranges fall back to per-id lookups); the reply is one JSON string, cheap to parse.
     """
     client = redis_client(settings)
     script = client.register_script(queue_scripts.SCAN_PENDING)
     try:
-        flat = script(keys=[settings.stream], args=[settings.group, start, count, consumer or ""])
+        flat = _json_list(script(keys=[settings.stream], args=[settings.group, start, count, consumer or ""]))
     except redis.RedisError as e:
         raise QueueError(f"cannot scan the pending list of `{settings.stream}`/`{settings.group}`: {e}") from e
     return [
-        PendingEntry(
-            entry_id=flat[i],
-            consumer=flat[i + 1],
-            idle_ms=int(flat[i + 2]),
-            deliveries=int(flat[i + 3]),
-            exists=bool(flat[i + 4]),
-            attempts=_int(flat[i + 5]),
-            job_id=flat[i + 6],
-            step_id=flat[i + 7],
-        )
+        PendingEntry(flat[i], flat[i + 1], flat[i + 2], flat[i + 3], flat[i + 4] == 1, _int(flat[i + 5]),
+                     flat[i + 6], flat[i + 7])
         for i in range(0, len(flat), 8)
     ]
 
@@ -363,7 +355,14 @@ def iter_pending(
         start = "(" + page[-1].entry_id
 
 
+def _json_list(reply: str) -> list[Any]:
+    data = json.loads(reply)
+    return data if isinstance(data, list) else []  # cjson encodes an empty table as {}
+
+
 def _int(value: Any) -> int:
+    if value == "0":
+        return 0
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -389,14 +388,15 @@ def apply_decisions(
     args: list[Any] = [settings.group, policy.min_idle_ms, policy.claim_consumer]
     for entry, decision in acting:
         owner = entry.consumer if entry.consumer in policy.dead_consumers else ""
-        args += [entry.entry_id, _ACTION_CODE[decision.action], owner, decision.reason]
+        reason = decision.reason if decision.action == "dead_letter" else ""
+        args += [entry.entry_id, _ACTION_CODE[decision.action], owner, reason]
     client = redis_client(settings)
     script = client.register_script(queue_scripts.ACT_PENDING)
     try:
-        flat = script(keys=[settings.stream, settings.dlq_stream], args=args)
+        flat = _json_list(script(keys=[settings.stream, settings.dlq_stream], args=[json.dumps(args)]))
     except redis.RedisError as e:
         raise QueueError(f"cannot move pending entries of `{settings.stream}`: {e}") from e
-    return [(e, d, flat[3 * i + 1], flat[3 * i + 2]) for i, (e, d) in enumerate(acting)]
+    return [(e, d, flat[2 * i], flat[2 * i + 1]) for i, (e, d) in enumerate(acting)]
 
 
 def _sample(entry: PendingEntry, decision: Decision, status: str = "", new_id: str = "") -> dict[str, Any]:
@@ -720,10 +720,6 @@ def outcome_rows(result: SweepResult) -> list[dict[str, Any]]:
     rows = [{"kind": "decided", "what": k, "count": v} for k, v in sorted(result.decided.items())]
     rows += [{"kind": "done", "what": k, "count": v} for k, v in sorted(result.done.items())]
     return rows
-
-
-def entry_dict(entry: PendingEntry) -> dict[str, Any]:
-    return asdict(entry)
 
 
 # ------------------------------------------------------------------------------------- Prefect tasks
