@@ -1,0 +1,265 @@
+"""The runs database on real PostgreSQL and SQLite: find, guarded fail, races, hostile ids, counts, EXPLAIN."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from tasks import runs
+from tasks.connections import db_engine
+from tests.integration import runs_fixtures as rf
+from tests.integration.runs_fixtures import add_runs, add_steps, ago, statuses
+
+sqlite_url = rf.sqlite_url
+db_url = rf.db_url
+runs_settings = rf.runs_settings
+
+
+def _seed(settings, n_stuck=7):
+    rows = [{"id": f"run_s{i}", "status": "running", "started_at": ago(40 + i)} for i in range(n_stuck)]
+    rows += [
+        {"id": "run_recent", "status": "running", "started_at": ago(5)},
+        {"id": "run_done", "status": "completed", "started_at": ago(90), "completed_at": ago(80)},
+        {"id": "run_failed", "status": "failed", "started_at": ago(90)},
+        {"id": "run_nostart", "status": "running", "started_at": None},
+    ]
+    add_runs(settings, rows)
+
+
+def test_schema_creation_is_idempotent(runs_settings):
+    runs.create_schema(settings=runs_settings)
+    names = set(sa.inspect(db_engine(runs_settings)).get_table_names())
+    assert {runs_settings.runs_table, runs_settings.steps_table} <= names
+    idx = sa.inspect(db_engine(runs_settings)).get_indexes(runs_settings.runs_table)
+    assert any(i["column_names"] == ["status", "started_at"] for i in idx)
+
+
+def test_find_pages_oldest_first_and_only_stuck_runs(runs_settings):
+    s = runs_settings.model_copy(update={"runs_batch_size": 3})  # 7 stuck runs -> 3 pages
+    _seed(s)
+    found = runs.find_stuck_runs(settings=s, cutoff=ago(30))
+    assert [r.id for r in found] == [f"run_s{i}" for i in reversed(range(7))]
+    assert all(r.status == "running" and r.started_at.tzinfo is not None for r in found)
+    assert [r.id for r in runs.find_stuck_runs(settings=s, cutoff=ago(30), limit=4)] == [
+        "run_s6",
+        "run_s5",
+        "run_s4",
+        "run_s3",
+    ]
+    assert runs.count_stuck_runs(settings=s, cutoff=ago(30)) == 7
+
+
+def test_find_pages_through_equal_start_times(runs_settings):
+    s = runs_settings.model_copy(update={"runs_batch_size": 2})
+    same = ago(60)
+    add_runs(s, [{"id": f"run_{c}", "status": "running", "started_at": same} for c in "edcba"])
+    assert [r.id for r in runs.find_stuck_runs(settings=s, cutoff=ago(30))] == [f"run_{c}" for c in "abcde"]
+
+
+def test_fail_changes_exactly_the_stuck_runs_and_is_idempotent(runs_settings):
+    _seed(runs_settings)
+    ids = [r.id for r in runs.find_stuck_runs(settings=runs_settings, cutoff=ago(30))]
+    asked = ids + ["run_recent", "run_done", "run_missing"]
+    result = runs.fail_runs(settings=runs_settings, run_ids=asked, cutoff=ago(30))
+    assert sorted(result.changed) == sorted(ids)
+    assert sorted(result.unchanged) == ["run_done", "run_missing", "run_recent"]
+    now = runs.read_runs(settings=runs_settings, run_ids=asked)
+    assert all(now[i].status == "failed" and now[i].error == runs.WORKER_TIMEOUT for i in ids)
+    assert all(now[i].completed_at is not None for i in ids)
+    assert now["run_recent"].status == "running" and now["run_done"].status == "completed"
+    again = runs.fail_runs(settings=runs_settings, run_ids=asked, cutoff=ago(30))
+    assert again.changed == [] and statuses(runs_settings) == {i: r.status for i, r in now.items()} | {
+        "run_failed": "failed",
+        "run_nostart": "running",
+    }
+
+
+def test_run_completed_between_find_and_fail_keeps_its_status(runs_settings):
+    """A real second transaction completes a run after it was found: the guarded UPDATE leaves it alone."""
+    _seed(runs_settings, n_stuck=3)
+    found = [r.id for r in runs.find_stuck_runs(settings=runs_settings, cutoff=ago(30))]
+    r = runs.tables(runs_settings).runs
+    other = sa.create_engine(db_engine(runs_settings).url)  # a separate pool: a truly separate connection
+    try:
+        with other.begin() as conn:
+            conn.execute(
+                sa.update(r)
+                .where(r.c.id == "run_s1")
+                .values(status="completed", completed_at=datetime.now(UTC))
+            )
+        result = runs.fail_runs(settings=runs_settings, run_ids=found, cutoff=ago(30))
+    finally:
+        other.dispose()
+    assert "run_s1" not in result.changed and result.unchanged == ["run_s1"]
+    after = runs.read_runs(settings=runs_settings, run_ids=["run_s1"])["run_s1"]
+    assert after.status == "completed" and after.error is None
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_fail_waits_for_a_concurrent_completion_and_then_skips_it(runs_settings):
+    """PostgreSQL: the completing transaction holds the row lock while fail_runs runs; after its commit the
+    UPDATE re-evaluates the predicate on the new row version and skips the run."""
+    _seed(runs_settings, n_stuck=3)
+    found = [r.id for r in runs.find_stuck_runs(settings=runs_settings, cutoff=ago(30))]
+    r = runs.tables(runs_settings).runs
+    other = sa.create_engine(db_engine(runs_settings).url)
+    result: dict = {}
+    try:
+        with other.connect() as conn, other.connect() as watch:
+            tx = conn.begin()
+            conn.execute(sa.update(r).where(r.c.id == "run_s2").values(status="completed"))
+            worker = threading.Thread(
+                target=lambda: result.update(
+                    res=runs.fail_runs(settings=runs_settings, run_ids=found, cutoff=ago(30))
+                )
+            )
+            worker.start()
+            deadline = time.monotonic() + 10
+            while True:  # wait until fail_runs is blocked on our row lock
+                watch.rollback()  # a fresh pg_stat_activity snapshot each time
+                waiting = watch.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database() AND query LIKE 'UPDATE%'"
+                    )
+                ).scalar_one()
+                if waiting or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)  # poll
+            assert waiting, "fail_runs never blocked on the concurrent transaction"
+            tx.commit()
+        worker.join(timeout=10)
+    finally:
+        other.dispose()
+    assert sorted(result["res"].changed) == ["run_s0", "run_s1"] and result["res"].unchanged == ["run_s2"]
+    assert statuses(runs_settings)["run_s2"] == "completed"
+
+
+@pytest.mark.parametrize("hostile", ["../admin", "run_1; DROP TABLE runs", "' OR '1'='1", "run_s0' --"])
+def test_hostile_run_ids_are_plain_values(runs_settings, hostile):
+    _seed(runs_settings, n_stuck=2)
+    result = runs.fail_runs(settings=runs_settings, run_ids=[hostile], cutoff=None)
+    assert result.changed == [] and result.unchanged == [hostile]
+    assert statuses(runs_settings)["run_s0"] == "running"  # nothing else touched, table still there
+    add_runs(runs_settings, [{"id": hostile, "status": "running", "started_at": ago(45)}])
+    assert runs.fail_runs(settings=runs_settings, run_ids=[hostile], cutoff=ago(30)).changed == [hostile]
+    assert statuses(runs_settings)[hostile] == "failed" and statuses(runs_settings)["run_s1"] == "running"
+
+
+def test_unfinished_steps_by_run(runs_settings):
+    _seed(runs_settings, n_stuck=2)
+    add_steps(
+        runs_settings,
+        [
+            {"id": "st_a", "run_id": "run_s0", "status": "completed", "started_at": ago(50)},
+            {"id": "st_b", "run_id": "run_s0", "status": "running", "started_at": ago(45), "kind": "llm"},
+            {"id": "st_c", "run_id": "run_s1", "status": "queued", "started_at": ago(44), "attempts": 2},
+        ],
+    )
+    got = runs.find_unfinished_steps(settings=runs_settings, run_ids=["run_s0", "run_s1", "run_recent"])
+    assert [s.id for s in got["run_s0"]] == ["st_b"] and got["run_s0"][0].kind == "llm"
+    assert [(s.id, s.attempts) for s in got["run_s1"]] == [("st_c", 2)]
+    assert got["run_recent"] == []
+
+
+def test_requeue_step_is_conditional(runs_settings):
+    _seed(runs_settings, n_stuck=1)
+    add_steps(runs_settings, [{"id": "st_1", "run_id": "run_s0", "status": "running", "started_at": ago(45)}])
+    first = runs.requeue_step(settings=runs_settings, run_id="run_s0", step_id="st_1")
+    assert first is not None and first.status == "queued" and first.attempts == 1
+    assert (
+        runs.requeue_step(settings=runs_settings, run_id="run_s0", step_id="st_1") is None
+    )  # already queued
+    assert runs.requeue_step(settings=runs_settings, run_id="run_other", step_id="st_1") is None  # wrong run
+    runs.record_step_finished(settings=runs_settings, run_id="run_s0", step_id="st_1", status="failed")
+    assert statuses(runs_settings)["run_s0"] == "failed"
+    assert runs.requeue_step(settings=runs_settings, run_id="run_s0", step_id="st_1") is None  # run ended
+
+
+def test_worker_records_and_a_failed_run_keeps_its_error(runs_settings):
+    runs.record_step_running(
+        settings=runs_settings, run_id="run_w", step_id="st_w", kind="llm", model="openai/gpt-4o"
+    )
+    assert runs.fail_runs(settings=runs_settings, run_ids=["run_w"], cutoff=None).changed == ["run_w"]
+    runs.record_step_finished(settings=runs_settings, run_id="run_w", step_id="st_w", status="completed")
+    run = runs.read_runs(settings=runs_settings, run_ids=["run_w"])["run_w"]
+    assert run.status == "failed" and run.error == runs.WORKER_TIMEOUT
+
+
+def test_llm_failures_by_model(runs_settings):
+    rows = []
+    for i in range(6):
+        rows.append(
+            {
+                "id": f"a{i}",
+                "run_id": "r",
+                "status": "failed" if i < 4 else "completed",
+                "kind": "llm",
+                "model": "openai/gpt-4o",
+                "started_at": ago(2),
+            }
+        )
+    rows += [
+        {
+            "id": "b0",
+            "run_id": "r",
+            "status": "completed",
+            "kind": "llm",
+            "model": "anthropic/claude",
+            "started_at": ago(3),
+        },
+        {
+            "id": "b1",
+            "run_id": "r",
+            "status": "failed",
+            "kind": "llm",
+            "model": "anthropic/claude",
+            "started_at": ago(90),
+        },
+        {"id": "c0", "run_id": "r", "status": "failed", "kind": "tool", "model": None, "started_at": ago(1)},
+    ]
+    add_steps(runs_settings, rows)
+    got = runs.llm_failures_by_model(settings=runs_settings, since=ago(15))
+    assert got == {"openai/gpt-4o": {"failed": 4, "total": 6}, "anthropic/claude": {"failed": 0, "total": 1}}
+
+
+def test_missing_table_is_a_clear_permanent_error(runs_settings):
+    broken = runs_settings.model_copy(update={"runs_table": "no_such_runs_table"})
+    with pytest.raises(runs.RunsError, match="could not find stuck runs") as info:
+        runs.find_stuck_runs(settings=broken, cutoff=ago(30))
+    assert not isinstance(info.value, runs.RunsTemporaryError)
+
+
+def test_naive_cutoff_is_refused(runs_settings):
+    with pytest.raises(runs.RunsError, match="timezone-aware"):
+        runs.find_stuck_runs(settings=runs_settings, cutoff=datetime.now() - timedelta(minutes=30))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_explain_uses_the_status_started_at_index(runs_settings):
+    r = runs_settings.runs_table
+    with db_engine(runs_settings).begin() as conn:
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {r} (id, status, started_at) SELECT 'run_' || g, "
+                "CASE WHEN g % 100 = 0 THEN 'running' ELSE 'completed' END, now() - g * interval '1 second' "
+                "FROM generate_series(1, 20000) g"
+            )
+        )
+        conn.execute(sa.text(f"ANALYZE {r}"))
+    t = runs.tables(runs_settings).runs
+    stmt = (
+        sa.select(t.c.id, t.c.status, t.c.started_at, t.c.agent_version_id)
+        .where(t.c.status == "running", t.c.started_at < ago(30))
+        .order_by(t.c.started_at, t.c.id)
+        .limit(runs_settings.runs_batch_size)
+    )
+    sql = stmt.compile(dialect=db_engine(runs_settings).dialect, compile_kwargs={"literal_binds": True})
+    with db_engine(runs_settings).connect() as conn:
+        plan = "\n".join(row[0] for row in conn.execute(sa.text(f"EXPLAIN {sql}")))
+    assert f"ix_{r}_status_started_at" in plan, plan
+    assert "Seq Scan" not in plan, plan
