@@ -47,7 +47,12 @@ def seed(client: redis.Redis, settings: Settings, *, entries: int, poison_every:
     for base in range(0, entries, SEED_CHUNK):
         with client.pipeline(transaction=False) as pipe:
             for i in range(base, min(base + SEED_CHUNK, entries)):
-                fields = {"job_id": f"step-{i}", "run_id": f"run-{i // 10}", "step_id": f"step-{i}", "payload": "{}"}
+                fields = {
+                    "job_id": f"step-{i}",
+                    "run_id": f"run-{i // 10}",
+                    "step_id": f"step-{i}",
+                    "payload": "{}",
+                }
                 if i % poison_every == 0:
                     fields["attempts"] = "2"
                     poison += 1
@@ -71,7 +76,11 @@ def raw_loop(client: redis.Redis, settings: Settings, *, max_deliveries: int = 3
                 if total >= max_deliveries:
                     pipe.xadd(
                         settings.dlq_stream,
-                        {"job_id": fields.get("job_id", ""), "error": "Max retries exceeded", "original_id": entry_id},
+                        {
+                            "job_id": fields.get("job_id", ""),
+                            "error": "Max retries exceeded",
+                            "original_id": entry_id,
+                        },
                     )
                     moved["dead_lettered"] += 1
                 else:
@@ -120,7 +129,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     prefix = f"fdbench:{uuid.uuid4().hex[:8]}"
     settings = Settings(
-        redis_url=args.redis_url, stream=f"{prefix}:steps", dlq_stream=f"{prefix}:dlq", state_prefix=f"{prefix}:state"
+        redis_url=args.redis_url,
+        stream=f"{prefix}:steps",
+        dlq_stream=f"{prefix}:dlq",
+        state_prefix=f"{prefix}:state",
     )
     client = redis.Redis.from_url(args.redis_url, decode_responses=True)
     out: dict[str, Any] = {"entries": args.entries, "batch_size": args.batch_size}
@@ -129,7 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rss_before = rss_mb()
         started = time.perf_counter()
         result = sweep_pending(
-            settings=settings, policy=SweepPolicy(dead_consumers=[DEAD]), batch_size=args.batch_size, dry_run=False
+            settings=settings,
+            policy=SweepPolicy(dead_consumers=[DEAD]),
+            batch_size=args.batch_size,
+            dry_run=False,
         )
         project_s = time.perf_counter() - started
         out["project_rss_growth_mb"] = round(peak_rss_mb() - rss_before, 1)

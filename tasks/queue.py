@@ -333,10 +333,20 @@ def scan_pending(
     try:
         flat = _json_list(script(keys=[settings.stream], args=[settings.group, start, count, consumer or ""]))
     except redis.RedisError as e:
-        raise QueueError(f"cannot scan the pending list of `{settings.stream}`/`{settings.group}`: {e}") from e
+        raise QueueError(
+            f"cannot scan the pending list of `{settings.stream}`/`{settings.group}`: {e}"
+        ) from e
     return [
-        PendingEntry(flat[i], flat[i + 1], flat[i + 2], flat[i + 3], flat[i + 4] == 1, _int(flat[i + 5]),
-                     flat[i + 6], flat[i + 7])
+        PendingEntry(
+            flat[i],
+            flat[i + 1],
+            flat[i + 2],
+            flat[i + 3],
+            flat[i + 4] == 1,
+            _int(flat[i + 5]),
+            flat[i + 6],
+            flat[i + 7],
+        )
         for i in range(0, len(flat), 8)
     ]
 
@@ -471,8 +481,10 @@ def sweep_pending(
     total = SweepResult(dry_run=dry_run)
     start: str | None = "-"
     while start is not None:
-        left = None if max_entries is None else max_entries - sum(
-            v for k, v in total.decided.items() if k != "leave"
+        left = (
+            None
+            if max_entries is None
+            else max_entries - sum(v for k, v in total.decided.items() if k != "leave")
         )
         page = sweep_page(
             settings=settings,
@@ -563,7 +575,9 @@ def delete_empty_consumers(
 # ------------------------------------------------------------------------------------------- locate
 
 
-def locate_steps(*, settings: Settings, step_ids: list[str], batch_size: int = 1000) -> dict[str, StepLocation]:
+def locate_steps(
+    *, settings: Settings, step_ids: list[str], batch_size: int = 1000
+) -> dict[str, StepLocation]:
     """Where each step's entry is now: pending (owner, idle, deliveries), queued, dlq, or nowhere.
 
     A step matches an entry by its ``job_id`` or ``step_id`` field. Scans the pending list (paged XPENDING,
@@ -649,7 +663,9 @@ def replay_dlq(
         if not batch:
             return
         if dry_run:
-            result.samples += [_replay_row(i, f, "would_replay", "") for i, f in batch][: SAMPLE_LIMIT - len(result.samples)]
+            result.samples += [_replay_row(i, f, "would_replay", "") for i, f in batch][
+                : SAMPLE_LIMIT - len(result.samples)
+            ]
         else:
             try:
                 flat = script(keys=[settings.dlq_stream, settings.stream], args=[i for i, _ in batch])
@@ -657,7 +673,9 @@ def replay_dlq(
                 raise QueueError(f"cannot replay from `{settings.dlq_stream}`: {e}") from e
             statuses = Counter(flat[1::3])
             result.done = dict(Counter(result.done) + statuses)
-            rows = [_replay_row(i, f, s, n) for (i, f), s, n in zip(batch, flat[1::3], flat[2::3], strict=True)]
+            rows = [
+                _replay_row(i, f, s, n) for (i, f), s, n in zip(batch, flat[1::3], flat[2::3], strict=True)
+            ]
             result.samples += rows[: max(0, SAMPLE_LIMIT - len(result.samples))]
         batch.clear()
 
@@ -761,7 +779,11 @@ def sweep_page_task(
 ) -> SweepResult:
     """One page of a sweep: scan, decide, act (the flow guards before calling with dry_run=False)."""
     return sweep_page(
-        settings=settings, policy=policy, start=start, batch_size=batch_size, max_actions=max_actions,
+        settings=settings,
+        policy=policy,
+        start=start,
+        batch_size=batch_size,
+        max_actions=max_actions,
         dry_run=dry_run,
     )
 
@@ -780,7 +802,10 @@ def recover_consumers_task(
     """Guarded ``recover_consumers``: with the kill switch on it only reports (dry run) and says why."""
     refused = _paused(settings, dry_run)
     result = recover_consumers(
-        settings=settings, consumers=consumers, max_deliveries=max_deliveries, dry_run=dry_run or bool(refused)
+        settings=settings,
+        consumers=consumers,
+        max_deliveries=max_deliveries,
+        dry_run=dry_run or bool(refused),
     )
     result.refused = refused
     return result
@@ -804,4 +829,6 @@ def replay_dlq_task(
     *, settings: Settings, flt: ReplayFilter, max_entries: int = 1000, batch_size: int = 1000, dry_run: bool
 ) -> ReplayResult:
     """DLQ replay in batches (the flow guards before calling with dry_run=False)."""
-    return replay_dlq(settings=settings, flt=flt, max_entries=max_entries, batch_size=batch_size, dry_run=dry_run)
+    return replay_dlq(
+        settings=settings, flt=flt, max_entries=max_entries, batch_size=batch_size, dry_run=dry_run
+    )

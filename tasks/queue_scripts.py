@@ -74,7 +74,9 @@ end
 # Returns JSON: a flat array, 8 items per pending entry:
 #   id, consumer, idle_ms, deliveries, exists (1/0), attempts (text, "0" if absent), job_id, step_id.
 # Cost: one XPENDING of `count` entries and one range XRANGE over their ids: O(count + log N).
-SCAN_PENDING = _HELPERS + r"""
+SCAN_PENDING = (
+    _HELPERS
+    + r"""
 local p
 if ARGV[4] ~= '' then
   p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], '+', tonumber(ARGV[3]), ARGV[4])
@@ -104,6 +106,7 @@ for _, e in ipairs(p) do
 end
 return cjson.encode(out)
 """
+)
 
 # Act on a batch of decided pending entries (in any order; ascending is fastest).
 # KEYS: stream, dlq. ARGV[1]: JSON [group, min_idle_ms, claim_consumer, id, action, owner, reason, ...] with
@@ -116,7 +119,9 @@ return cjson.encode(out)
 # Dead-letter: XADD to the DLQ the runbook's fields (job_id, error) plus the original id, fields (JSON),
 # total deliveries, last consumer, reason and time, then XACK. Orphan (entry deleted/trimmed): XACK only.
 # Cost: O(batch + log N): one range XPENDING, one range XRANGE, one XADD per moved entry, chunked XACKs.
-ACT_PENDING = _HELPERS + r"""
+ACT_PENDING = (
+    _HELPERS
+    + r"""
 local stream, dlq = KEYS[1], KEYS[2]
 local a = cjson.decode(ARGV[1])
 local group, min_idle, claimer = a[1], tonumber(a[2]), a[3]
@@ -203,6 +208,7 @@ for i = 1, #acks, 500 do
 end
 return cjson.encode(out)
 """
+)
 
 # Move dead-lettered entries back to the stream with the attempt count reset, and delete them from the DLQ.
 # KEYS: dlq, stream. ARGV: DLQ entry ids. Returns 3 items per id: id, status (replayed | skipped_gone), new id.
