@@ -20,6 +20,8 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -339,3 +341,45 @@ def run_bridge(settings: BridgeSettings, *, log_level: str = "info") -> None:
     app = create_app(settings)
     log.info("alert bridge on %s:%d -> %s", settings.host, settings.port, app.state.target.events_url)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, proxy_headers=False)
+
+
+class BackgroundBridge:
+    """The bridge served by uvicorn in a background thread (tests, the demo, benchmarks).
+
+    ``with BackgroundBridge(app) as bridge: bridge.url`` — the port is picked by the OS unless given.
+    """
+
+    def __init__(self, app: Starlette, *, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 10) -> None:
+        import uvicorn
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = self._sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, name="fd-bridge", daemon=True
+        )
+        self._start_timeout_s = start_timeout_s
+
+    def start(self) -> BackgroundBridge:
+        self._thread.start()
+        deadline = time.monotonic() + self._start_timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise BridgeError("the bridge did not start")
+            time.sleep(0.01)  # poll
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundBridge:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
