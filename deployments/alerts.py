@@ -148,6 +148,8 @@ def _resource(alert: WebhookAlert) -> dict[str, str]:
         "ferrumdeck.fingerprint": alert.key_fingerprint,
         "ferrumdeck.routed": "true" if alert.alertname in ROUTED_ALERTS else "false",
     }
+    if alert.labels.get("team"):  # triggers match "anything else with team=ferrumdeck" on this
+        resource["ferrumdeck.team"] = alert.labels["team"]
     copied = 0
     for name, value in sorted(alert.labels.items()):
         if copied >= _MAX_RESOURCE_LABELS:

@@ -73,6 +73,7 @@ def test_firing_alert_becomes_one_prefect_event_with_labels_and_fingerprint():
     assert event["resource"]["ferrumdeck.routed"] == "true"
     assert event["resource"]["ferrumdeck.label.pod"] == "worker-7d9f-abc12"
     assert event["resource"]["ferrumdeck.label.team"] == "ferrumdeck"
+    assert event["resource"]["ferrumdeck.team"] == "ferrumdeck"
     payload = event["payload"]
     assert payload["labels"] == alert["labels"]
     assert payload["annotations"] == alert["annotations"]
@@ -106,6 +107,17 @@ def test_unrouted_alert_is_marked_for_triage():
     events, _ = translate(group, source="alertmanager", occurred=NOW, new_id=ids())
     assert events[0].event["resource"]["ferrumdeck.routed"] == "false"
     assert "DiskFull" not in ROUTED_ALERTS
+    # what prefect.yaml's triage trigger matches: any alert, team=ferrumdeck, not routed elsewhere
+    from prefect.events.schemas.events import Resource, ResourceSpecification
+
+    triage = ResourceSpecification(
+        {"prefect.resource.id": "ferrumdeck.alert.*", "ferrumdeck.team": "ferrumdeck", "ferrumdeck.routed": "false"}
+    )
+    assert triage.matches(Resource(events[0].event["resource"]))
+    routed, _ = translate(
+        AlertmanagerWebhook.model_validate(am_body(am_alert(pod="p1"))), source="alertmanager", occurred=NOW, new_id=ids()
+    )
+    assert not triage.matches(Resource(routed[0].event["resource"]))
 
 
 @pytest.mark.parametrize("name", ["Watchdog", "FerrumDeckHeartbeat"])
