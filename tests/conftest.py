@@ -96,3 +96,32 @@ def pg_database_url() -> Iterator[str]:
         )
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sandbox_cluster():
+    """One sandbox Kubernetes API server for the whole session (namespace ferrumdeck seeded; fast timing)."""
+    from sandbox.kube import SandboxCluster
+
+    cluster = SandboxCluster.start(port=0)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster(sandbox_cluster):
+    """The session's sandbox cluster, reset to its seeded state (no faults, empty request log) for this test.
+
+    Pod listeners added during the test are removed afterwards.
+    """
+    sandbox_cluster.reset()
+    listeners = list(sandbox_cluster.controller.listeners)
+    yield sandbox_cluster
+    sandbox_cluster.controller.listeners[:] = listeners
+
+
+@pytest.fixture
+def kube_settings(settings: Settings, cluster, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """``settings`` pointing at the sandbox cluster: explicit kubeconfig path (also in ``KUBECONFIG``), namespace ferrumdeck."""
+    monkeypatch.setenv("KUBECONFIG", cluster.kubeconfig)
+    return settings.model_copy(update={"kubeconfig": cluster.kubeconfig, "namespace": "ferrumdeck"})
