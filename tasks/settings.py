@@ -139,7 +139,7 @@ class Settings(BaseSettings):
         description="How the post-recovery check confirms alerting: the bridge's heartbeat, Alertmanager's API, or not.",
     )
     bridge_heartbeat_url: str = Field(
-        "http://fd-alert-bridge:8080/heartbeat", description="The alert bridge's `GET /heartbeat` (last Watchdog seen)."
+        "http://fd-alert-bridge:9095/heartbeat", description="The alert bridge's `GET /heartbeat` (last Watchdog seen)."
     )
     heartbeat_max_age_s: int = Field(
         900, ge=1, description="The bridge's last heartbeat alert must be younger than this to tick 'alerting works'."
