@@ -196,6 +196,8 @@ class SandboxServices:
         if self._stopped:
             return
         self._stopped = True
+        if self.cluster is not None and hasattr(self.cluster, "remove_listener"):
+            self.cluster.remove_listener(self._on_pod_event)
         if self.load is not None:
             self.load.stop()
         pool = getattr(self, "pool", None)
