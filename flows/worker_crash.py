@@ -21,8 +21,14 @@ from pydantic import BaseModel, Field
 from tasks import kube, queue
 from tasks.correlate import CrashTarget, decide_crash, poison_entries, root_cause
 from tasks.events import emit_recovery_event
-from tasks.guard import check, may_remove_worker, pod_deletion_budget
-from tasks.recovery import WorkersView, observe_workers, read_consumer_entries, settle_worker_runs
+from tasks.guard import check, may_remove_worker
+from tasks.recovery import (
+    WorkersView,
+    guard_pod_deletion,
+    observe_workers,
+    read_consumer_entries,
+    settle_worker_runs,
+)
 from tasks.report import Report
 from tasks.settings import get_settings
 
@@ -164,8 +170,7 @@ def worker_crash_recovery(
             elif not acting:
                 out.pod_action = f"dry run: would {'evict' if evict else 'delete'} the pod"
             else:
-                pod_verdict = check(action="delete-pod", target=t.pod, dry_run=False, settings=settings,
-                                    budget=pod_deletion_budget(settings))
+                pod_verdict = guard_pod_deletion(settings=settings, pod=t.pod, dry_run=False)
                 if pod_verdict.refused:
                     out.pod_action = pod_verdict.reason
                 else:

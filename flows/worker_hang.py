@@ -20,8 +20,8 @@ from pydantic import BaseModel, Field
 from tasks import kube, queue
 from tasks.correlate import HangDecision, Sample, decide_hang, lag_falling
 from tasks.events import emit_recovery_event
-from tasks.guard import check, may_remove_worker, pod_deletion_budget
-from tasks.recovery import read_consumer_entries, sample_workers, settle_worker_runs
+from tasks.guard import may_remove_worker
+from tasks.recovery import guard_pod_deletion, read_consumer_entries, sample_workers, settle_worker_runs
 from tasks.report import Report
 from tasks.settings import get_settings
 
@@ -125,8 +125,7 @@ def worker_hang_recovery(
             out.refused = (f"refused: {ready} Ready worker(s); removing `{v.pod}` would go below "
                            f"min_healthy_workers={settings.min_healthy_workers}")
         else:
-            verdict = check(action="delete-pod", target=v.pod, dry_run=dry_run, settings=settings,
-                            budget=pod_deletion_budget(settings))
+            verdict = guard_pod_deletion(settings=settings, pod=v.pod, dry_run=dry_run)
             if verdict.refused:
                 out.refused = verdict.reason
         if out.refused:

@@ -134,7 +134,7 @@ class ReplacementConsumer:
     def __init__(self, cluster, settings: Settings, *, known: list[str]):
         self.cluster, self.settings, self.known = cluster, settings, set(known)
         self.client = redis_lib.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
-        self.acked = 0
+        self.acked: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -156,7 +156,7 @@ class ReplacementConsumer:
                 for _, batch in got:
                     if batch:
                         self.client.xack(self.settings.stream, self.settings.group, *[i for i, _ in batch])
-                        self.acked += len(batch)
+                        self.acked += [f.get("job_id", "") for _, f in batch]
             self._stop.wait(0.05)  # poll
 
 
