@@ -41,6 +41,7 @@ from tasks.kube_diagnosis import (
     pod_event,
     pod_info,
     pod_metrics_millicores,
+    replacement_baseline,
     restart_patch,
     rollout_progress,
     set_env_patch,
@@ -83,6 +84,7 @@ __all__ = [
 ]
 
 FIELD_MANAGER = "ferrumdeck-recovery"
+REPLACEMENT_LOOKBACK_S = 30  # without previous_pods and with the old pod gone: "new" = created this recently
 T = TypeVar("T")
 
 
@@ -556,14 +558,14 @@ def wait_for_replacement_ready(
 ) -> ReplacementResult:
     """Watch worker pods until a NEW one is Ready and ``old_pod`` is gone, or ``timeout_s`` passes.
 
-    New means: not in ``previous_pods`` (pass the names listed before the delete); without it, created
-    since the old pod began terminating. RBAC: pods list, watch.
+    New means: not in ``previous_pods`` (pass the names listed before the delete). Without them: not yet
+    Ready when the wait began and created since the old pod began terminating (if it is already gone: in
+    the last 30 s). RBAC: pods list, watch.
     """
     started = time.monotonic()
     deadline = started + timeout_s
     pods: dict[str, PodInfo] = {}
-    since: datetime | None = None
-    previous = set(previous_pods) if previous_pods is not None else None
+    previous = set(previous_pods or ())
 
     def relist() -> str:
         listing = _list_worker_pods(settings)
@@ -574,11 +576,15 @@ def wait_for_replacement_ready(
         return listing.metadata.resource_version
 
     rv = relist()
-    if previous is None:
+    if previous_pods is None:
         old = pods.get(old_pod)
-        mark = old.deleting_since if old and old.deleting_since else datetime.now(UTC) - timedelta(seconds=60)
-        since = mark.replace(microsecond=0)
-    found = pick_replacement(pods.values(), old_pod=old_pod, previous=previous, since=since)
+        if old is not None and old.deleting_since is not None:  # deletionTimestamp = deletion time + grace
+            mark = old.deleting_since - timedelta(seconds=old.deletion_grace_s or 0)
+        else:
+            mark = datetime.now(UTC) - timedelta(seconds=REPLACEMENT_LOOKBACK_S)
+        since = mark.replace(microsecond=0) - timedelta(seconds=1)  # creationTimestamps have whole seconds
+        previous = replacement_baseline(pods.values(), old_pod=old_pod, since=since)
+    found = pick_replacement(pods.values(), old_pod=old_pod, previous=previous)
     while found is None and (remaining := deadline - time.monotonic()) > 0:
         try:
             for kind, obj in _watch_pods(settings, resource_version=rv, seconds=remaining):
@@ -590,14 +596,14 @@ def wait_for_replacement_ready(
                     pods.pop(pod_info(obj).name, None)
                 else:
                     continue
-                found = pick_replacement(pods.values(), old_pod=old_pod, previous=previous, since=since)
+                found = pick_replacement(pods.values(), old_pod=old_pod, previous=previous)
                 if found is not None or time.monotonic() >= deadline:
                     break
         except ApiException as e:
             if e.status != 410:
                 raise _translate(e, "watch worker pods") from e
             rv = relist()  # our resourceVersion is too old: start again from a fresh list
-            found = pick_replacement(pods.values(), old_pod=old_pod, previous=previous, since=since)
+            found = pick_replacement(pods.values(), old_pod=old_pod, previous=previous)
         except (urllib3.exceptions.HTTPError, OSError) as e:
             if time.monotonic() >= deadline:
                 break

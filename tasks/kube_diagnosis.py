@@ -74,7 +74,10 @@ class PodInfo(BaseModel):
     last_termination: Termination | None = None
     unschedulable_message: str | None = None
     created_at: datetime | None = None
-    deleting_since: datetime | None = None
+    deleting_since: datetime | None = Field(
+        None, description="metadata.deletionTimestamp: when the pod will be gone (deletion time + grace)."
+    )
+    deletion_grace_s: int | None = None
     node: str | None = None
     pod_ip: str | None = None
 
@@ -161,6 +164,7 @@ def pod_info(pod: Any, *, container: str | None = None) -> PodInfo:
         unschedulable_message=unschedulable,
         created_at=_get(meta, "creation_timestamp"),
         deleting_since=_get(meta, "deletion_timestamp"),
+        deletion_grace_s=_get(meta, "deletion_grace_period_seconds"),
         node=_get(spec, "node_name"),
         pod_ip=_get(status, "pod_ip"),
     )
@@ -283,7 +287,7 @@ def summarize(d: PodDiagnosis) -> str:
     elif c is Classification.GONE:
         text = "gone: no such worker pod"
     elif c is Classification.TERMINATING:
-        text = f"terminating since {_ts(d.deleting_since)}"
+        text = f"terminating (gone by {_ts(d.deleting_since)})"
     elif c is Classification.UNSCHEDULABLE:
         text = f"unschedulable: {_clip(d.unschedulable_message)}"
     elif c in (Classification.IMAGE_PULL_FAILURE, Classification.CONFIG_ERROR):
@@ -377,26 +381,30 @@ def relevant_log_lines(lines: list[str], *, limit: int = 20) -> list[str]:
 # ---------------------------------------------------------------- replacements
 
 
-def pick_replacement(
-    pods: Iterable[PodInfo], *, old_pod: str, previous: set[str] | None, since: datetime | None
-) -> PodInfo | None:
-    """The Ready pod that replaced ``old_pod``, once ``old_pod`` is gone; None while waiting.
+def replacement_baseline(pods: Iterable[PodInfo], *, old_pod: str, since: datetime) -> set[str]:
+    """Without the names from before the delete: the pods that cannot be the replacement — those already
+    serving when the wait began and those created before ``since`` (when the old pod began terminating)."""
+    return {
+        p.name
+        for p in pods
+        if p.name != old_pod and (p.serving or (p.created_at is not None and p.created_at < since))
+    }
 
-    New means not in ``previous`` (names before the delete); without that, created at or after ``since``.
-    """
+
+def pick_replacement(pods: Iterable[PodInfo], *, old_pod: str, previous: set[str]) -> PodInfo | None:
+    """The Ready pod, not in ``previous``, that replaced ``old_pod`` once ``old_pod`` is gone; else None."""
     pods = list(pods)
     if any(p.name == old_pod for p in pods):
         return None
     floor = datetime.min.replace(tzinfo=UTC)
-    for pod in sorted(pods, key=lambda p: p.created_at or floor):
-        if not pod.serving:
-            continue
-        if previous is not None:
-            if pod.name not in previous:
-                return pod
-        elif since is not None and pod.created_at is not None and pod.created_at >= since:
-            return pod
-    return None
+    return next(
+        (
+            p
+            for p in sorted(pods, key=lambda p: p.created_at or floor)
+            if p.serving and p.name not in previous
+        ),
+        None,
+    )
 
 
 # ---------------------------------------------------------------- rollouts

@@ -23,6 +23,7 @@ from tasks.kube_diagnosis import (
     pod_info,
     pod_metrics_millicores,
     relevant_log_lines,
+    replacement_baseline,
     restart_patch,
     rollout_progress,
     set_env_patch,
@@ -299,14 +300,20 @@ def test_pick_replacement_waits_for_the_old_pod_to_go_and_a_new_one_to_be_ready(
     new_pending = PodInfo(name="w-new", ready=False, created_at=NOW)
     new_ready = new_pending.model_copy(update={"ready": True})
     previous = {"w-old", "w-other"}
-    assert pick_replacement([old, other, new_ready], old_pod="w-old", previous=previous, since=None) is None
-    assert pick_replacement([other, new_pending], old_pod="w-old", previous=previous, since=None) is None
-    assert (
-        pick_replacement([other, new_ready], old_pod="w-old", previous=previous, since=None).name == "w-new"
-    )
-    # without the previous names: pods created since the old one began terminating
-    assert pick_replacement([other, new_ready], old_pod="w-old", previous=None, since=NOW).name == "w-new"
-    assert pick_replacement([other], old_pod="w-old", previous=None, since=NOW) is None
+    assert pick_replacement([old, other, new_ready], old_pod="w-old", previous=previous) is None
+    assert pick_replacement([other, new_pending], old_pod="w-old", previous=previous) is None
+    assert pick_replacement([other, new_ready], old_pod="w-old", previous=previous).name == "w-new"
+
+
+def test_replacement_baseline_without_the_names_from_before():
+    old = PodInfo(name="w-old", ready=True, created_at=NOW - timedelta(hours=1), deleting_since=NOW)
+    other = PodInfo(name="w-other", ready=True, created_at=NOW)  # Ready at the start: not the replacement
+    young = PodInfo(name="w-new", ready=False, created_at=NOW)
+    stale = PodInfo(name="w-stale", ready=False, created_at=NOW - timedelta(hours=1))
+    base = replacement_baseline([old, other, young, stale], old_pod="w-old", since=NOW - timedelta(seconds=1))
+    assert base == {"w-other", "w-stale"}
+    later = [other, young.model_copy(update={"ready": True})]
+    assert pick_replacement(later, old_pod="w-old", previous=base).name == "w-new"
 
 
 def _deployment(*, generation=2, observed=2, replicas=3, updated=3, total=3, available=3, conditions=None):
