@@ -125,3 +125,16 @@ def kube_settings(settings: Settings, cluster, monkeypatch: pytest.MonkeyPatch) 
     """``settings`` pointing at the sandbox cluster: explicit kubeconfig path (also in ``KUBECONFIG``), namespace ferrumdeck."""
     monkeypatch.setenv("KUBECONFIG", cluster.kubeconfig)
     return settings.model_copy(update={"kubeconfig": cluster.kubeconfig, "namespace": "ferrumdeck"})
+
+
+@pytest.fixture(scope="session")
+def kube_request_log() -> list:
+    """The sandbox API requests our own Kubernetes code made this session (replayed against RBAC by test_rbac)."""
+    return []
+
+
+@pytest.fixture
+def record_kube_requests(cluster, kube_request_log: list) -> Iterator[None]:
+    """Add this test's sandbox requests to ``kube_request_log`` when it ends (kubectl's are not ours)."""
+    yield
+    kube_request_log.extend(r for r in cluster.requests if not (r.user_agent or "").startswith("kubectl"))
