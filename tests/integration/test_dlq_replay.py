@@ -1,0 +1,107 @@
+"""`dlq-replay` on real Redis: chosen entries go back to the stream once, attempts reset, DLQ emptied of them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prefect.exceptions import ParameterTypeError
+
+from flows.dlq_replay import dlq_replay
+from tasks.queue import QueueError, ReplayFilter, SweepPolicy, replay_dlq, sweep_pending
+from tests.conftest import REDIS_URL
+from tests.integration.queue_fixtures import add_steps, deliver, dump_keys, make_group, new_entries
+
+
+def dead_letter(redis, settings, jobs):
+    """Put real poison entries in the DLQ through the sweep (so the DLQ fields are the project's own)."""
+    make_group(redis, settings)
+    add_steps(redis, settings, jobs, attempts=2)
+    deliver(redis, settings, "w-dead", len(jobs))
+    sweep_pending(settings=settings, policy=SweepPolicy(dead_consumers=["w-dead"]), dry_run=False)
+    assert redis.xlen(settings.dlq_stream) == len(jobs)
+
+
+def test_replay_by_job_id_moves_exactly_those_back_with_attempts_reset(active_settings, redis):
+    settings = active_settings
+    dead_letter(redis, settings, ["a", "b", "c"])
+
+    out = dlq_replay(job_ids=["a", "c"], dry_run=False)
+
+    assert out.outcome == "completed" and out.result.done == {"replayed": 2}
+    fresh = redis.xreadgroup(settings.group, "w-fresh", {settings.stream: ">"}, count=10)
+    fields = [f for _, entries in fresh for _, f in entries]
+    assert sorted(f["job_id"] for f in fields) == ["a", "c"]
+    a = next(f for f in fields if f["job_id"] == "a")
+    assert a == {"job_id": "a", "run_id": "run-a", "step_id": "a", "payload": '{"k": "v"}', "attempts": "0"}
+    assert [f["job_id"] for _, f in redis.xrange(settings.dlq_stream)] == ["b"]
+    assert "## Verified" in out.markdown and "DLQ 3 -> 1" in out.markdown
+    # a second run finds nothing: never replayed twice
+    assert dlq_replay(job_ids=["a", "c"], dry_run=False).result.done == {}
+    assert redis.xlen(settings.stream) == 5
+
+
+def test_replay_by_ids_reason_and_age(settings, redis):
+    dead_letter(redis, settings, ["a", "b", "c"])
+    redis.xadd(
+        settings.dlq_stream, {"job_id": "manual", "error": "Max retries exceeded"}
+    )  # the runbook's by hand
+    dlq = redis.xrange(settings.dlq_stream)
+    by_ids = replay_dlq(settings=settings, flt=ReplayFilter(ids=frozenset({dlq[1][0]})), dry_run=False)
+    assert by_ids.done == {"replayed": 1}
+    assert [f["job_id"] for _, f in new_entries(redis, settings)] == ["b"]
+
+    young = replay_dlq(settings=settings, flt=ReplayFilter(min_age_ms=3_600_000), dry_run=False)
+    assert young.matched == 0 and young.done == {}
+
+    rest = replay_dlq(settings=settings, flt=ReplayFilter(replay_all=True), max_entries=1, dry_run=False)
+    assert rest.done == {"replayed": 1} and rest.cap_reached  # "a", the oldest
+    by_reason = replay_dlq(
+        settings=settings, flt=ReplayFilter(reason_contains="delivered 3 times"), dry_run=False
+    )
+    assert by_reason.done == {"replayed": 1}  # "c": the hand-written entry has no such reason
+    manual = replay_dlq(settings=settings, flt=ReplayFilter(job_ids=frozenset({"manual"})), dry_run=False)
+    assert manual.done == {"replayed": 1}
+    assert redis.xlen(settings.dlq_stream) == 0
+    tail = new_entries(redis, settings)
+    assert sorted(f["job_id"] for _, f in tail) == ["a", "b", "c", "manual"]
+    assert tail[-1][1] == {"job_id": "manual", "attempts": "0"}
+
+
+def test_replay_dry_run_changes_nothing(active_settings, redis, key_prefix):
+    dead_letter(redis, active_settings, ["a", "b"])
+    before = dump_keys(REDIS_URL, key_prefix)
+    out = dlq_replay(replay_all=True)  # dry run is the default
+    assert out.outcome == "dry run" and out.result.matched == 2 and out.result.done == {}
+    assert [r["status"] for r in out.result.samples] == ["would_replay", "would_replay"]
+    assert dump_keys(REDIS_URL, key_prefix) == before
+
+
+def test_replay_keeps_original_fields_of_an_entry(settings, redis):
+    dead_letter(redis, settings, ["x"])
+    dlq_fields = redis.xrange(settings.dlq_stream)[0][1]
+    assert json.loads(dlq_fields["fields"])["attempts"] == "2"
+    replay_dlq(settings=settings, flt=ReplayFilter(job_ids=frozenset({"x"})), dry_run=False)
+    ((_, fields),) = new_entries(redis, settings)
+    assert fields["attempts"] == "0" and fields["payload"] == '{"k": "v"}'
+
+
+def test_replay_without_a_choice_or_with_bad_bounds_fails_before_touching_redis(
+    active_settings, redis, key_prefix
+):
+    dead_letter(redis, active_settings, ["a"])
+    before = dump_keys(REDIS_URL, key_prefix)
+    with pytest.raises(QueueError, match="replay_all"):
+        dlq_replay(dry_run=False)
+    with pytest.raises(ParameterTypeError):
+        dlq_replay(min_age_ms=-5, dry_run=False)
+    with pytest.raises(ParameterTypeError):
+        dlq_replay(replay_all=True, max_entries=0, dry_run=False)
+    assert dump_keys(REDIS_URL, key_prefix) == before
+
+
+def test_replay_into_a_missing_stream_is_refused(active_settings, redis):
+    redis.xadd(active_settings.dlq_stream, {"job_id": "a", "error": "Max retries exceeded"})
+    with pytest.raises(QueueError, match="does not exist"):
+        dlq_replay(replay_all=True, dry_run=False)
+    assert redis.xlen(active_settings.dlq_stream) == 1 and not redis.exists(active_settings.stream)
