@@ -279,3 +279,24 @@ def test_settings_from_environment(monkeypatch):
     s = BridgeSettings()
     assert s.port == 9999 and s.dedupe_window_s == 30 and s.max_body_bytes == 1024 * 1024
     assert isinstance(s.token, SecretStr) and TOKEN not in repr(s)
+
+
+def test_cli_refuses_bad_settings_without_echoing_the_token(monkeypatch, capsys):
+    from deployments.cli import main
+
+    monkeypatch.setenv("FD_BRIDGE_TOKEN", "tooShortSecret")
+    assert main(["bridge"]) == 2
+    err = capsys.readouterr().err
+    assert "at least 16 characters" in err and "tooShortSecret" not in err
+
+
+def test_cli_refuses_to_start_without_a_prefect_api(monkeypatch, capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments.cli import main
+
+    monkeypatch.setenv("FD_BRIDGE_TOKEN", TOKEN)
+    monkeypatch.delenv("FD_BRIDGE_PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["bridge", "--port", "1"]) == 2
+    assert "PREFECT_API_URL" in capsys.readouterr().err

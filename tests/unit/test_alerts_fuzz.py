@@ -1,4 +1,4 @@
-"""Fuzzing the bridge: thousands of malformed, oversized, wrongly typed and unauthenticated requests.
+"""Fuzzing the bridge with 2 100 generated requests: malformed, oversized, wrongly typed, unauthenticated.
 
 Invariants: never a 5xx; a request without valid credentials always gets 401; a rejected request (any non-200)
 makes no POST to Prefect; an accepted one posts exactly the events it reports.
@@ -6,19 +6,15 @@ makes no POST to Prefect; an accepted one posts exactly the events it reports.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-with warnings.catch_warnings():  # starlette 1.x warns that its TestClient will move to httpx2
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
 
 from deployments.bridge import BridgeSettings, PrefectTarget, create_app
 from tests.unit.test_alerts import am_alert, am_body
@@ -106,14 +102,22 @@ def stub() -> StubPrefect:
 
 
 @pytest.fixture(scope="module")
-def client(stub: StubPrefect) -> Iterator[TestClient]:
+def client(stub: StubPrefect) -> Iterator[Callable[..., httpx.Response]]:
+    """Requests straight into the ASGI app on one event loop (~1 ms each; TestClient costs ~5 ms)."""
     app = create_app(
         BridgeSettings(token=TOKEN, max_body_bytes=MAX_BODY, dedupe_window_s=0),
         http_client=httpx.AsyncClient(transport=httpx.MockTransport(stub)),
         target=PrefectTarget(events_url=EVENTS_URL),
     )
-    with TestClient(app) as c:
-        yield c
+    loop = asyncio.new_event_loop()
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bridge")
+
+    def request(method: str, path: str, **kw) -> httpx.Response:
+        return loop.run_until_complete(http.request(method, path, **kw))
+
+    yield request
+    loop.run_until_complete(http.aclose())
+    loop.close()
 
 
 FUZZ = settings(
@@ -125,7 +129,7 @@ FUZZ = settings(
 @given(headers=auth_headers, path=st.sampled_from(["/alertmanager", "/grafana"]), body=bodies)
 def test_fuzzed_requests_never_5xx_and_rejected_ones_emit_nothing(client, stub, headers, path, body):
     before = len(stub.events)
-    r = client.post(path, content=body, headers=headers | {"Content-Type": "application/json"})
+    r = client("POST", path, content=body, headers=headers | {"Content-Type": "application/json"})
     assert r.status_code < 500, r.text
     event(f"status {r.status_code}")
     scheme, *rest = headers.get("Authorization", "").split() or [""]
@@ -147,6 +151,6 @@ def test_fuzzed_requests_never_5xx_and_rejected_ones_emit_nothing(client, stub, 
 )
 def test_fuzzed_methods_and_paths_never_5xx_or_emit(client, stub, method, path, headers):
     before = len(stub.events)
-    r = client.request(method, "/" + path.lstrip("/"), headers=headers, content=b"{}")
+    r = client(method, "/" + path.lstrip("/"), headers=headers, content=b"{}")
     assert r.status_code < 500
     assert len(stub.events) == before
