@@ -31,6 +31,7 @@ from tasks.settings import Settings
 Action = Literal["requeue", "claim", "dead_letter", "orphan", "leave"]
 Strategy = Literal["requeue", "claim"]
 SAMPLE_LIMIT = 50
+SAMPLE_PER_KIND = 10  # sample rows kept per decision/outcome, so rare ones (poison, orphans) show up too
 DLQ_ERROR = "Max retries exceeded"
 
 
@@ -180,9 +181,7 @@ class SweepResult(BaseModel):
         self.pages += other.pages
         self.decided = dict(Counter(self.decided) + Counter(other.decided))
         self.done = dict(Counter(self.done) + Counter(other.done))
-        room = SAMPLE_LIMIT - len(self.samples)
-        if room > 0:
-            self.samples.extend(other.samples[:room])
+        self.samples = pick_samples(self.samples + other.samples)
         self.cap_reached = self.cap_reached or other.cap_reached
         self.next_start = other.next_start
         return self
@@ -409,6 +408,20 @@ def apply_decisions(
     return [(e, d, flat[2 * i], flat[2 * i + 1]) for i, (e, d) in enumerate(acting)]
 
 
+def pick_samples(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At most SAMPLE_PER_KIND rows per (decision, status), SAMPLE_LIMIT in all, in their original order."""
+    seen: Counter[tuple[Any, Any]] = Counter()
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        kind = (row.get("decision"), row.get("status"))
+        if seen[kind] < SAMPLE_PER_KIND:
+            seen[kind] += 1
+            out.append(row)
+            if len(out) >= SAMPLE_LIMIT:
+                break
+    return out
+
+
 def _sample(entry: PendingEntry, decision: Decision, status: str = "", new_id: str = "") -> dict[str, Any]:
     row = {
         "entry_id": entry.entry_id,
@@ -455,11 +468,11 @@ def sweep_page(
         decided.append((entry, decision))
     result.decided = dict(Counter(d.action for _, d in decided))
     if dry_run:
-        result.samples = [_sample(e, d) for e, d in decided if d.action != "leave"][:SAMPLE_LIMIT]
+        result.samples = pick_samples(_sample(e, d) for e, d in decided if d.action != "leave")
     else:
         outcomes = apply_decisions(settings=settings, decided=decided, policy=policy)
         result.done = dict(Counter(status for *_, status, _ in outcomes))
-        result.samples = [_sample(*o) for o in outcomes[:SAMPLE_LIMIT]]
+        result.samples = pick_samples(_sample(*o) for o in outcomes)
     full = len(page) == batch_size and not result.cap_reached
     result.next_start = "(" + page[-1].entry_id if page and full else None
     return result

@@ -15,6 +15,7 @@ from tasks.queue import (
     SweepResult,
     decide,
     matches_replay,
+    pick_samples,
 )
 
 POLICY = SweepPolicy(min_idle_ms=300_000, max_deliveries=3, dead_consumers=["w-dead"])
@@ -155,7 +156,17 @@ def test_sweep_result_merge_adds_counts_and_bounds_samples():
     )
     a.merge(b)
     assert (a.scanned, a.pages, a.decided, a.done) == (5, 2, {"requeue": 3, "leave": 2}, {"requeued": 3})
-    assert len(a.samples) == 50 and a.next_start == "(9-0" and a.moved == 3
+    assert len(a.samples) == 10 and a.next_start == "(9-0" and a.moved == 3  # 10 per kind
+
+
+def test_samples_keep_every_kind():
+    rows = [{"decision": "requeue", "status": "requeued"}] * 100 + [
+        {"decision": "dead_letter", "status": "dead_lettered"}
+    ]
+    picked = pick_samples(rows)
+    assert len(picked) == 11 and picked[-1]["decision"] == "dead_letter"
+    many = [{"decision": f"d{i}"} for i in range(80)]
+    assert len(pick_samples(many)) == 50
 
 
 def test_snapshot_require_group_explains():
