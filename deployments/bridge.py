@@ -178,8 +178,8 @@ class Heartbeat:
         }
 
 
-def _problem(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def _problem(status: int, message: str, *, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -240,7 +240,8 @@ def create_app(
             return False
         return True
 
-    async def webhook(request: Request, source: Source) -> Response:
+    async def parse(request: Request, source: Source) -> Any:
+        """The validated webhook group, or the 4xx response that explains why not."""
         if not authorized(request.headers.get("authorization"), settings=settings):
             return JSONResponse(
                 {"error": "unauthorized: send a Bearer token or HTTP Basic credentials"},
@@ -255,43 +256,47 @@ def create_app(
         except (ValueError, RecursionError):
             return _problem(400, "body is not valid JSON")
         try:
-            group = WEBHOOK_MODELS[source].model_validate(data)
-        except ValidationError as e:
+            return WEBHOOK_MODELS[source].model_validate(data)
+        except ValidationError as e:  # the messages and locations only: the input may hold anything
             errors = json.loads(e.json(include_url=False, include_input=False, include_context=False))
             return _problem(422, f"not a {source} webhook body", details=errors[:20])
         except RecursionError:
             return _problem(400, "body is nested too deeply")
-        translated, heartbeats = translate(
-            group, source=source, occurred=datetime.now(UTC), new_id=uuid.uuid4
-        )
+
+    async def webhook(request: Request, source: Source) -> Response:
+        group = await parse(request, source)
+        if isinstance(group, Response):
+            return group
+        translated, heartbeats = translate(group, source=source, occurred=datetime.now(UTC), new_id=uuid.uuid4)
         for alert in heartbeats:
             await heartbeat.record(alert.alertname)
         if group.truncatedAlerts:
-            log.warning("%s truncated %d alerts of group %r", source, group.truncatedAlerts, group.groupKey)
-        retry_later = JSONResponse(
-            {"error": "Prefect API did not accept the events; retry"}, status_code=503, headers={"Retry-After": "5"}
-        )
+            log.warning("%s left out %d alerts of a group (max_alerts)", source, group.truncatedAlerts)
         try:
             claimed = set(await deduper.claim([t.key for t in translated]))
         except DedupeError as e:
             log.warning("%s; asking the sender to retry", e)
-            return retry_later
+            return _problem(503, "dedupe store unavailable; retry", headers={"Retry-After": "5"})
         fresh = [t for t in translated if t.key in claimed]
+        for t in translated:
+            if t.key not in claimed:
+                log.info("duplicate alert %s fingerprint=%s dropped", t.alertname, t.fingerprint)
         if fresh and not await deliver([t.event for t in fresh]):
             try:
                 await deduper.release(claimed)
             except DedupeError as e:  # the keys expire with the window; a retry inside it is dropped
                 log.warning("%s; could not forget undelivered alerts", e)
-            return retry_later
+            return _problem(503, "Prefect API did not accept the events; retry", headers={"Retry-After": "5"})
         for t in fresh:
             log.info("alert %s %s fingerprint=%s -> event", t.alertname, t.event["event"], t.fingerprint)
-        result = {
-            "events": len(fresh),
-            "duplicates": len(translated) - len(fresh),
-            "heartbeats": len(heartbeats),
-            "truncatedAlerts": group.truncatedAlerts,
-        }
-        return JSONResponse(result)
+        return JSONResponse(
+            {
+                "events": len(fresh),
+                "duplicates": len(translated) - len(fresh),
+                "heartbeats": len(heartbeats),
+                "truncatedAlerts": group.truncatedAlerts,
+            }
+        )
 
     async def alertmanager(request: Request) -> Response:
         return await webhook(request, "alertmanager")

@@ -204,7 +204,7 @@ def test_extra_fields_and_truncated_alerts_are_accepted(client, stub, caplog):
         r = client.post("/alertmanager", json=body, headers=AUTH)
     assert r.status_code == 200 and r.json()["truncatedAlerts"] == 7
     assert stub.events[0]["payload"]["truncatedAlerts"] == 7
-    assert "truncated 7 alerts" in caplog.text
+    assert "left out 7 alerts" in caplog.text
 
 
 def test_grafana_endpoint_delivers_the_same_event_shape(client, stub):
@@ -300,3 +300,21 @@ def test_cli_refuses_to_start_without_a_prefect_api(monkeypatch, capsys):
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main(["bridge", "--port", "1"]) == 2
     assert "PREFECT_API_URL" in capsys.readouterr().err
+
+
+def test_unreachable_dedupe_store_answers_503_and_sends_nothing(stub):
+    import redis.asyncio as redis_asyncio
+
+    from deployments.alerts import RedisDeduper
+
+    dead = redis_asyncio.Redis(host="127.0.0.1", port=9, socket_connect_timeout=1)  # nothing listens on 9
+    app = create_app(
+        make_settings(),
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(stub)),
+        deduper=RedisDeduper(client=dead, prefix="fdtest:dead", window_s=60),
+        target=PrefectTarget(events_url=EVENTS_URL),
+    )
+    with TestClient(app) as c:
+        r = c.post("/alertmanager", json=am_body(am_alert(pod="p1")), headers=AUTH)
+    assert r.status_code == 503 and "dedupe" in r.json()["error"]
+    assert stub.posts == []
