@@ -152,7 +152,7 @@ def test_crash_leaves_in_flight_entries_pending_and_the_pod_crash_looping(
 
     held = services.crash(pod)
 
-    assert held >= 24  # the worker died in the middle of its batch
+    assert held >= 10  # the worker died in the middle of its batch (COUNT 50)
     wait_for(lambda: crash_looping(pod_obj(core, pod)), what="the pod to crash-loop")
     assert not is_ready(pod_obj(core, pod))
     # the other workers finish everything else; the dead pod's entries stay pending under its name
@@ -202,7 +202,7 @@ def test_hang_keeps_its_entries_with_zero_progress_while_the_pod_stays_ready(
 
     wait_for(lambda: worker.state == "hung", what="the worker to hang")
     held, completed = len(pending_of(services, pod)), worker.completed
-    assert held >= 24
+    assert held >= 10
     wait_for(lambda: group_info(services)["pending"] == held and group_info(services)["lag"] == 0, timeout=20,
              what="the healthy workers to drain the rest")
     assert len(pending_of(services, pod)) == held  # its entries stay with it
