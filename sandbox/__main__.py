@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--step-ms", type=float, default=20.0, help="simulated work per step, in ms")
     parser.add_argument("--batch", type=int, default=50, help="entries a worker reads at once (XREADGROUP COUNT)")
     parser.add_argument("--load", type=float, default=2.0, help="steady load in steps per second (0 = none)")
+    parser.add_argument(
+        "--realistic-pods", action="store_true",
+        help="pods take seconds to start/terminate and crash-loop back-off grows to 60 s (default: fast, for tests)",
+    )
     parser.add_argument("--exit-after", type=float, default=None, help="stop after this many seconds (smoke runs)")
     return parser
 
@@ -38,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     """Start the sandbox, print where it is, and serve until SIGINT/SIGTERM (or ``--exit-after``)."""
     from pydantic import SecretStr
 
+    from sandbox.kube import Timing
     from sandbox.services import SandboxServices
     from tasks.settings import Settings
 
@@ -50,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     services = SandboxServices.start(
         settings=settings.model_copy(update={"database_url": SecretStr(database_url)}) if database_url else settings,
         state_dir=state,
+        cluster_timing=Timing.demo() if args.realistic_pods else None,
         step_ms=args.step_ms,
         batch=args.batch,
         load_rate_per_s=args.load,

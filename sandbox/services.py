@@ -75,6 +75,7 @@ class SandboxServices:
         *,
         settings: Settings | None = None,
         cluster: Any = None,
+        cluster_timing: Any = None,
         database_url: str | None = None,
         state_dir: str | Path | None = None,
         step_ms: float = 20.0,
@@ -97,7 +98,7 @@ class SandboxServices:
         self.gateway_api_key = gateway_api_key or secrets.token_urlsafe(24)
         try:
             self._start(
-                base=base, cluster=cluster, state=state, step_ms=step_ms, batch=batch, host=host,
+                base=base, cluster=cluster, timing=cluster_timing, state=state, step_ms=step_ms, batch=batch, host=host,
                 ports={"kube": kube_port, "gateway": gateway_port, "mcp": mcp_port, "llm": llm_port},
             )
             if load_rate_per_s > 0:
@@ -108,12 +109,23 @@ class SandboxServices:
         return self
 
     def _start(
-        self, *, base: Settings, cluster: Any, state: Path, step_ms: float, batch: int, host: str, ports: dict[str, int]
+        self,
+        *,
+        base: Settings,
+        cluster: Any,
+        timing: Any,
+        state: Path,
+        step_ms: float,
+        batch: int,
+        host: str,
+        ports: dict[str, int],
     ) -> None:
         if cluster is None:
             from sandbox.kube import SandboxCluster
 
-            cluster = SandboxCluster.start(port=ports["kube"], kubeconfig_path=str(state / "kubeconfig"))
+            cluster = SandboxCluster.start(
+                port=ports["kube"], kubeconfig_path=str(state / "kubeconfig"), timing=timing, host=host
+            )
             self._own_cluster = True
         self.cluster = cluster
         self.redis = redis_client(base)
@@ -294,6 +306,17 @@ class SandboxServices:
             if time.monotonic() > deadline:
                 raise SandboxError(f"only {len(running)} of {n} workers running after {timeout_s} s: {running}")
             time.sleep(0.02)  # poll
+
+    def wait_for_holding(self, n: int, *, timeout_s: float = 10.0) -> str:
+        """Wait until a running worker holds at least ``n`` unacknowledged entries; returns its pod (drills)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for pod, worker in self.pool.running().items():
+                if worker.held >= n:
+                    return pod
+            if time.monotonic() > deadline:
+                raise SandboxError(f"no worker held {n} entries within {timeout_s} s")
+            time.sleep(0.005)  # poll
 
     def summary(self) -> dict[str, Any]:
         """What a human needs to use it: URLs, kubeconfig, stream names, workers."""
