@@ -1,0 +1,75 @@
+"""prefect.yaml is the single source of truth: every entry must point at a real flow with real parameters."""
+
+import inspect
+
+import pytest
+from pydantic import TypeAdapter
+
+from deployments.serve import PROJECT_ROOT, read_deployment_specs
+
+SPECS = read_deployment_specs()
+EXPECTED = {
+    "queue-sweep", "dlq-replay", "diagnose-workers", "stuck-runs-sweep", "fail-run", "retry-step",
+    "worker-crash-recovery", "worker-hang-recovery", "llm-provider-failover", "llm-provider-failback",
+    "mcp-server-recovery", "scale-workers", "post-recovery-check", "worker-failure-triage",
+}
+
+
+def _flow(spec):
+    from prefect.flows import load_flow_from_entrypoint
+
+    return load_flow_from_entrypoint(str(PROJECT_ROOT / spec["entrypoint"]))
+
+
+def test_every_runbook_procedure_has_a_deployment():
+    assert {s["name"] for s in SPECS} == EXPECTED
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s["name"] for s in SPECS])
+def test_entry_points_at_a_flow_whose_parameters_exist(spec):
+    flow = _flow(spec)
+    assert flow.name == spec["name"], "deployment and flow share the name an SRE sees"
+    assert spec.get("description") and spec.get("tags") and "ferrumdeck" in spec["tags"]
+    accepted = set(inspect.signature(flow.fn).parameters)
+    used = set(spec.get("parameters") or {})
+    for trigger in spec.get("triggers", []):
+        used |= set(trigger.get("parameters") or {})
+    assert used <= accepted, f"unknown parameters {used - accepted}"
+    if "dry_run" in accepted and (spec.get("schedules") or spec.get("triggers")):
+        # scheduled and alert-started runs must act; manual ones keep the flow's safe default
+        assert (spec.get("parameters") or {}).get("dry_run") is False or all(
+            (t.get("parameters") or {}).get("dry_run") is False for t in spec.get("triggers", [])
+        )
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.get("triggers")], ids=lambda s: s["name"])
+def test_triggers_are_valid_prefect_triggers(spec):
+    from prefect.events import DeploymentTriggerTypes
+
+    for trigger in spec["triggers"]:
+        parsed = TypeAdapter(DeploymentTriggerTypes).validate_python(dict(trigger, name="t"))
+        assert "ferrumdeck.alert.firing" in parsed.expect
+
+
+def test_schedules_match_the_issue():
+    by_name = {s["name"]: s for s in SPECS}
+    assert by_name["queue-sweep"]["schedules"] == [{"interval": 60}]
+    assert by_name["stuck-runs-sweep"]["schedules"] == [{"interval": 300}]
+    assert by_name["llm-provider-failback"]["schedules"] == [{"interval": 300}]
+    scheduled = {n for n, s in by_name.items() if s.get("schedules")}
+    assert scheduled == {"queue-sweep", "stuck-runs-sweep", "llm-provider-failback"}
+
+
+def test_alerts_route_to_their_flows():
+    routes = {
+        t["match"]["prefect.resource.id"]: s["name"] for s in SPECS for t in s.get("triggers", [])
+    }
+    assert routes == {
+        "ferrumdeck.alert.WorkerCrashLooping": "worker-crash-recovery",
+        "ferrumdeck.alert.WorkerHung": "worker-hang-recovery",
+        "ferrumdeck.alert.LLMProviderErrors": "llm-provider-failover",
+        "ferrumdeck.alert.MCPServerDown": "mcp-server-recovery",
+        "ferrumdeck.alert.QueueBacklog": "scale-workers",
+        "ferrumdeck.alert.RunsStuck": "stuck-runs-sweep",
+        "ferrumdeck.alert.*": "worker-failure-triage",
+    }
