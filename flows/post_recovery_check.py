@@ -101,7 +101,8 @@ def post_recovery_check(
 
     snap = view.snapshot
     items = [
-        workers_ready_and_consuming(links=view.links, desired=None, max_consumer_idle_ms=idle),
+        workers_ready_and_consuming(links=view.links, desired=None, max_consumer_idle_ms=idle,
+                                    lag=int(snap.lag or 0)),
         queue_depth_ok(lag=int(snap.lag or 0), pending=snap.pending, length=snap.length, max_depth=depth),
         no_stuck_runs(stuck=[r.id for r in stuck], older_than_minutes=stuck_older_than_minutes),
         ChecklistItem(item="Alerting confirmed working", ok=alert_status.ok, evidence=alert_status.evidence),

@@ -308,24 +308,33 @@ class ChecklistItem(BaseModel):
 
 
 def workers_ready_and_consuming(
-    *, links: Sequence[WorkerLink], desired: int | None, max_consumer_idle_ms: int
+    *, links: Sequence[WorkerLink], desired: int | None, max_consumer_idle_ms: int, lag: int = 0
 ) -> ChecklistItem:
-    """Every worker pod Ready (and as many as desired), each one's consumer recently talked to Redis."""
+    """Every worker pod Ready (and as many as desired), each one's consumer recently talked to Redis.
+
+    With nothing waiting (lag 0) a Ready worker that has not read recently is idle, not stuck (Redis 7.0
+    creates a consumer only when it first receives an entry), so it is not held against the check.
+    """
     pods = [lnk for lnk in links if lnk.pod_state is not None and not lnk.pod_state.terminating]
     not_ready = [lnk.pod for lnk in pods if not lnk.pod_state.ready]  # type: ignore[union-attr]
-    idle = [lnk.pod for lnk in pods if lnk.consumer_state is None or lnk.consumer_state.idle_ms > max_consumer_idle_ms]
+    silent = [lnk.pod for lnk in pods if lnk.pod not in not_ready
+              and (lnk.consumer_state is None or lnk.consumer_state.idle_ms > max_consumer_idle_ms)]
     problems: list[str] = []
     if not pods:
         problems.append("no worker pods")
     if not_ready:
         problems.append(f"not Ready: {', '.join(map(str, not_ready))}")
-    if idle:
-        problems.append(f"not consuming (no read within {max_consumer_idle_ms} ms): {', '.join(map(str, idle))}")
+    if silent and lag > 0:
+        problems.append(f"not consuming ({lag} steps waiting, no read within {max_consumer_idle_ms} ms): "
+                        f"{', '.join(map(str, silent))}")
     if desired is not None and len(pods) - len(not_ready) < desired:
         problems.append(f"{len(pods) - len(not_ready)} Ready of {desired} desired")
-    ok = not problems
-    evidence = (f"{len(pods)} worker pods Ready and consuming" if ok else "; ".join(problems))
-    return ChecklistItem(item="All workers healthy and processing", ok=ok, evidence=evidence)
+    if problems:
+        return ChecklistItem(item="All workers healthy and processing", ok=False, evidence="; ".join(problems))
+    evidence = f"{len(pods)} worker pods Ready and consuming"
+    if silent:
+        evidence += f" ({len(silent)} idle with nothing waiting)"
+    return ChecklistItem(item="All workers healthy and processing", ok=True, evidence=evidence)
 
 
 def queue_depth_ok(*, lag: int, pending: int, length: int, max_depth: int) -> ChecklistItem:

@@ -173,6 +173,12 @@ def test_checklist_items_carry_evidence():
     links = correlate(pods=pods, consumers=consumers, consumer_for_pod=ident)
     bad = workers_ready_and_consuming(links=links, desired=3, max_consumer_idle_ms=1000)
     assert bad.ok is False and "w-crash" in bad.evidence and "w-oom" in bad.evidence
+    idle = correlate(pods=[PodState(name="a"), PodState(name="b")], consumers=[ConsumerState(name="a", idle_ms=5)],
+                     consumer_for_pod=ident)
+    quiet = workers_ready_and_consuming(links=idle, desired=None, max_consumer_idle_ms=1000, lag=0)
+    assert quiet.ok and "1 idle with nothing waiting" in quiet.evidence
+    stuck = workers_ready_and_consuming(links=idle, desired=None, max_consumer_idle_ms=1000, lag=7)
+    assert stuck.ok is False and "7 steps waiting" in stuck.evidence and ": b" in stuck.evidence
     good_links = correlate(pods=[PodState(name="a"), PodState(name="b")],
                            consumers=[ConsumerState(name="a", idle_ms=5), ConsumerState(name="b", idle_ms=5)],
                            consumer_for_pod=ident)
