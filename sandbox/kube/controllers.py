@@ -389,6 +389,10 @@ class Controller:
     def _sync_replicaset(self, rs: dict) -> None:
         ns = rs["metadata"]["namespace"]
         desired = int(rs["spec"].get("replicas", 1))
+        selector = selector_from_match_labels(rs["spec"].get("selector"))
+        for pod in self.owned(PODS, rs):  # a pod relabelled out of the selector is released (orphaned)
+            if not labels_match(selector, pod["metadata"].get("labels")):
+                self.store.mutate(PODS, ns, pod["metadata"]["name"], lambda o: o["metadata"].pop("ownerReferences", None))
         pods = self.active_pods(rs)
         if len(pods) < desired:
             for _ in range(desired - len(pods)):
@@ -466,6 +470,7 @@ class Controller:
                 prog = _condition("Progressing", "True", reason="ReplicaSetUpdated",
                                   message=f'ReplicaSet "{new_name}" is progressing.')
             for cond in (avail, prog):
+                cond.pop("lastProbeTime", None)
                 previous = next((c for c in conditions if c.get("type") == cond["type"]), None)
                 if previous and previous.get("reason") == cond.get("reason") and previous.get("status") == cond["status"]:
                     continue
