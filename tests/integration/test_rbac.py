@@ -1,0 +1,114 @@
+"""deployments/kubernetes/rbac.yaml grants exactly what our Kubernetes code uses.
+
+The sandbox API server records every request; the kube tests (test_kube_*.py, through the
+``record_kube_requests`` fixture) add theirs to the session's ``kube_request_log``. Here every recorded
+request is checked against the Role's rules the way the RBAC authorizer would, and every granted
+(group, resource, verb) must have been used at least once. kubectl's requests are not recorded (not ours);
+discovery calls are non-resource URLs, which a Role cannot grant (the default system:discovery does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+RBAC = Path(__file__).resolve().parents[2] / "deployments" / "kubernetes" / "rbac.yaml"
+NAMESPACE = "ferrumdeck"
+ACCOUNT = "ferrumdeck-recovery"
+
+
+@dataclass(frozen=True)
+class Access:
+    """What the RBAC authorizer checks for a resource request."""
+
+    verb: str
+    api_group: str
+    resource: str  # "pods" or "pods/log"
+    namespace: str | None
+
+
+def documents() -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(RBAC.read_text()) if doc}
+
+
+def role_rules() -> list[dict]:
+    return documents()["Role"]["rules"]
+
+
+def access_of(request) -> Access | None:
+    """The RBAC attributes of a recorded request; None for non-resource URLs (discovery)."""
+    if not request.resource:
+        return None
+    resource = request.resource + (f"/{request.subresource}" if request.subresource else "")
+    return Access(request.verb, request.api_group or "", resource, request.namespace)
+
+
+def allows(rules: list[dict], access: Access, *, namespace: str = NAMESPACE) -> bool:
+    """Whether a namespaced Role with ``rules`` in ``namespace`` permits ``access`` (no wildcards granted)."""
+    if access.namespace != namespace:
+        return False
+    return any(
+        access.api_group in rule.get("apiGroups", [])
+        and access.resource in rule.get("resources", [])
+        and access.verb in rule.get("verbs", [])
+        and not rule.get("resourceNames")
+        for rule in rules
+    )
+
+
+def grants(rules: list[dict]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_manifest_binds_the_role_to_the_service_account():
+    docs = documents()
+    assert set(docs) == {"ServiceAccount", "Role", "RoleBinding"}
+    for doc in docs.values():
+        assert doc["metadata"]["name"] == ACCOUNT and doc["metadata"]["namespace"] == NAMESPACE
+    binding = docs["RoleBinding"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ACCOUNT}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": ACCOUNT, "namespace": NAMESPACE}]
+    flat = grants(role_rules())
+    assert not any("*" in item for item in flat), "no wildcards"
+
+
+def test_manifest_is_valid_kubernetes():
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all(RBAC.read_text()):
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+
+
+def test_authorizer_model():
+    rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
+    assert allows(rules, Access("list", "", "pods", NAMESPACE))
+    assert not allows(rules, Access("delete", "", "pods", NAMESPACE))  # verb not granted
+    assert not allows(rules, Access("get", "", "pods/log", NAMESPACE))  # a subresource needs its own grant
+    assert not allows(rules, Access("list", "apps", "pods", NAMESPACE))  # another API group
+    assert not allows(rules, Access("list", "", "pods", "kube-system"))  # a Role is namespaced
+    assert not allows(rules, Access("list", "", "pods", None))  # ... and grants nothing cluster-wide
+
+
+def test_every_recorded_request_is_allowed_and_every_grant_is_used(kube_request_log):
+    if not kube_request_log:
+        pytest.skip("no Kubernetes requests recorded: run together with tests/integration/test_kube_*.py")
+    rules = role_rules()
+    accesses = {a for a in map(access_of, kube_request_log) if a is not None}
+    forbidden = sorted(
+        f"{a.verb} {a.api_group or 'core'}/{a.resource} in {a.namespace}"
+        for a in accesses
+        if not allows(rules, a)
+    )
+    assert forbidden == [], f"rbac.yaml forbids requests our code makes: {forbidden}"
+    used = {(a.api_group, a.resource, a.verb) for a in accesses}
+    unused = sorted(grants(rules) - used)
+    assert unused == [], f"rbac.yaml grants verbs nothing used: {unused}"
