@@ -243,7 +243,10 @@ def classify(
         return Classification.CONFIG_ERROR
     if last and last.reason == "OOMKilled" and (not pod.ready or recent):
         return Classification.OOM_KILLED
-    if pod.waiting_reason == "CrashLoopBackOff" or (pod.current_termination and pod.restart_count > 0):
+    crashed_now = pod.current_termination is not None and (
+        pod.restart_count > 0 or (pod.current_termination.exit_code or 0) != 0
+    )
+    if pod.waiting_reason == "CrashLoopBackOff" or crashed_now:
         return Classification.CRASH_LOOPING
     if pod.phase == "Pending" or pod.waiting_reason in STARTING_REASONS:
         return Classification.STARTING

@@ -118,7 +118,7 @@ def test_diagnose_crash_loop_and_hang_with_events_and_logs_only_for_them(ks, clu
     assert c.last_termination.exit_code == 3 and c.last_termination.reason == "Error"
     assert c.last_termination.finished_at is not None
     assert c.log_source == "previous" and c.log_tail[-1] == "RuntimeError: boom"
-    assert "BackOff" in {e.reason for e in c.events} or c.waiting_reason == "CrashLoopBackOff"
+    assert "BackOff" in {e.reason for e in c.events} and c.waiting_reason == "CrashLoopBackOff"
     assert c.summary.startswith(f"{crashing}: crash-looping") and "exit 3 (Error)" in c.summary
     h = diagnoses[hung]
     assert h.classification is Classification.HUNG_SUSPECT and h.ready and h.cpu_millicores < 5

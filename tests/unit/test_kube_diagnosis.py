@@ -211,6 +211,15 @@ def test_classification(pod, cpu, expected):
     assert kind_of(pod, cpu) is expected
 
 
+def test_a_container_that_just_exited_with_an_error_is_crash_looping():
+    pod = pod_info(v1_pod(ready=False)).model_copy(
+        update={"running_since": None, "current_termination": Termination(reason="Error", exit_code=2)}
+    )
+    assert classify(pod, cpu_millicores=None, now=NOW) is Classification.CRASH_LOOPING
+    clean = pod.model_copy(update={"current_termination": Termination(reason="Completed", exit_code=0)})
+    assert classify(clean, cpu_millicores=None, now=NOW) is Classification.NOT_READY
+
+
 def test_summary_of_a_crash_loop_names_restarts_exit_event_and_last_log_line():
     pod = pod_info(
         v1_pod(
