@@ -184,6 +184,8 @@ class Worker:
         self.held = 0  # entries read and not yet acknowledged (the in-flight batch)
         self.completed = 0
         self.failed = 0
+        self.errors = 0
+        self.error_pause_s = 0.5
         self.last_error: str | None = None
 
     # --- control ---
@@ -224,21 +226,29 @@ class Worker:
         try:
             with httpx.Client(timeout=s.http_timeout_s) as http:
                 while not self._stopping():
-                    reply = self.redis.xreadgroup(s.group, self.consumer, {s.stream: ">"}, count=self.batch)
-                    entries = reply[0][1] if reply else []
-                    if not entries:
-                        self._killed.wait(self.idle_poll_s)
-                        continue
-                    self.held = len(entries)
-                    if not self._work_batch(http, [to_step(i, f) for i, f in entries]):
-                        return
+                    try:
+                        reply = self.redis.xreadgroup(s.group, self.consumer, {s.stream: ">"}, count=self.batch)
+                        entries = reply[0][1] if reply else []
+                        if not entries:
+                            self._killed.wait(self.idle_poll_s)
+                            continue
+                        self.held = len(entries)
+                        if not self._work_batch(http, [to_step(i, f) for i, f in entries]):
+                            return
+                    except (redis.RedisError, sa.exc.SQLAlchemyError, httpx.HTTPError) as e:
+                        # like a container restart: the unacknowledged rest of the batch stays pending under
+                        # this consumer, and the loop goes on reading new entries after a pause
+                        self.errors += 1
+                        self.last_error = f"{type(e).__name__}: {e}"[:300]
+                        log.warning("worker %s: batch failed (%s); continuing", self.pod, self.last_error)
+                        self._killed.wait(self.error_pause_s)
         except WorkerCrashed as e:
             self.state = "crashed"
             self.last_error = str(e)
             if self.on_crash is not None:
                 self.on_crash(self.pod, str(e))
             return
-        except Exception as e:  # a real worker process would die too; keep the cause for the pool
+        except Exception as e:  # a bug: the simulated process dies; keep the cause for the pool
             self.state = "error"
             self.last_error = f"{type(e).__name__}: {e}"
             log.exception("worker %s died", self.pod)

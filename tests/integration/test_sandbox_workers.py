@@ -22,6 +22,7 @@ from kubernetes import config as k8s_config
 
 from sandbox.kube import SandboxCluster
 from sandbox.services import SandboxServices
+from sandbox.worker import StepBook
 from tasks.connections import db_engine
 from tasks.queue import recover_consumers
 from tasks.runs import drop_schema, llm_failures_by_model, tables
@@ -314,3 +315,28 @@ def test_mcp_outage_fails_health_and_tool_steps_until_the_deployment_is_restarte
     later = services.backlog(10, tool_every=1)
     wait_for(lambda: drained(services), what="later tool steps")
     assert {r["status"] for r in step_rows(services, [a.step_id for a in later]).values()} == {"completed"}
+
+
+def test_a_database_error_leaves_the_batch_pending_and_the_worker_goes_on(
+    services: SandboxServices, mocker
+) -> None:
+    real = StepBook.finished
+    failed_once: list[str] = []
+
+    def flaky(self: StepBook, *, outcomes: list) -> None:
+        if not failed_once:
+            failed_once.append(outcomes[0].step.entry_id)
+            raise sa.exc.OperationalError("UPDATE steps", {}, ConnectionError("server closed the connection"))
+        real(self, outcomes=outcomes)
+
+    mocker.patch.object(StepBook, "finished", flaky)  # inject one transient database failure
+    services.backlog(120)
+
+    wait_for(lambda: group_info(services)["lag"] == 0 and any(w.errors for w in services.pool.all().values()),
+             what="the failure and the rest of the backlog")
+    (victim,) = [w for w in services.pool.all().values() if w.errors]
+    wait_for(lambda: group_info(services)["pending"] == len(pending_of(services, victim.pod)), timeout=15,
+             what="everything but the failed batch acknowledged")
+    held = pending_of(services, victim.pod)
+    assert failed_once[0] in {e["message_id"] for e in held}  # not acknowledged: its results were not saved
+    assert victim.alive and victim.state == "running" and "OperationalError" in (victim.last_error or "")
