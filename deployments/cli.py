@@ -63,14 +63,32 @@ def _add_sandbox(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_sandbox)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from deployments.serve import serve_all
+
+    serve_all(names=args.only or None, limit=args.limit, poll_seconds=args.poll_seconds)
+    return 0
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve every deployment of prefect.yaml (schedules and alert triggers) from this one process",
+        description="Register every deployment of prefect.yaml with the Prefect API in PREFECT_API_URL and run "
+        "their flow runs here. Polls for due runs every second (PREFECT_RUNNER_POLL_FREQUENCY overrides).",
+    )
+    p.add_argument("--only", nargs="*", metavar="DEPLOYMENT", help="serve only these deployments")
+    p.add_argument("--limit", type=int, default=None, help="at most this many flow runs at once")
+    p.add_argument("--poll-seconds", type=float, default=None, help="how often to look for due runs")
+    p.set_defaults(handler=_serve)
+
+
 # --- other subcommands -------------------------------------------------------------------------------
-# `serve`   (deployments/serve.py, the lead):       add `_add_serve(subparsers)` here and to _REGISTRARS.
-# `sandbox` (sandbox/__main__.py or sandbox CLI):   add `_add_sandbox(subparsers)` here and to _REGISTRARS.
 # `demo`    (deployments/demo.py):                  add `_add_demo(subparsers)` here and to _REGISTRARS.
 # Each handler imports its own module lazily and returns an exit code.
 # ------------------------------------------------------------------------------------------------------
 
-_REGISTRARS = [_add_bridge, _add_sandbox]
+_REGISTRARS = [_add_bridge, _add_sandbox, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
