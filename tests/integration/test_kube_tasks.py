@@ -360,9 +360,12 @@ def test_500_beyond_the_retries_is_a_clear_error(ks, cluster):
     cluster.fail_api(status=500, count=10, path_contains="/pods")
     with pytest.raises(
         KubeServerError, match=r"list pods app=worker in ferrumdeck: HTTP 500 .*injected fault"
-    ):
+    ) as info:
         kube.list_worker_pods(settings=ks)
     assert len(api_requests(cluster, resource="pods")) == 1 + len(kube.RETRY_DELAYS_S)
+    token = "sandbox-token"  # the kubeconfig's bearer token: sent, never shown
+    assert token in Path(cluster.kubeconfig).read_text()
+    assert token not in str(info.value) and token not in repr(info.value.__cause__)
 
 
 def test_a_timeout_is_retried(ks, cluster):

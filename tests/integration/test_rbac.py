@@ -98,17 +98,40 @@ def test_authorizer_model():
     assert not allows(rules, Access("list", "", "pods", None))  # ... and grants nothing cluster-wide
 
 
-def test_every_recorded_request_is_allowed_and_every_grant_is_used(kube_request_log):
-    if not kube_request_log:
+def recorded_accesses(log) -> set[Access]:
+    if not log:
         pytest.skip("no Kubernetes requests recorded: run together with tests/integration/test_kube_*.py")
-    rules = role_rules()
-    accesses = {a for a in map(access_of, kube_request_log) if a is not None}
-    forbidden = sorted(
+    return {a for a in map(access_of, log) if a is not None}
+
+
+def forbidden(rules: list[dict], accesses: set[Access]) -> list[str]:
+    return sorted(
         f"{a.verb} {a.api_group or 'core'}/{a.resource} in {a.namespace}"
         for a in accesses
         if not allows(rules, a)
     )
-    assert forbidden == [], f"rbac.yaml forbids requests our code makes: {forbidden}"
-    used = {(a.api_group, a.resource, a.verb) for a in accesses}
-    unused = sorted(grants(rules) - used)
-    assert unused == [], f"rbac.yaml grants verbs nothing used: {unused}"
+
+
+def unused(rules: list[dict], accesses: set[Access]) -> list[tuple[str, str, str]]:
+    return sorted(grants(rules) - {(a.api_group, a.resource, a.verb) for a in accesses})
+
+
+def test_every_recorded_request_is_allowed_and_every_grant_is_used(kube_request_log):
+    accesses = recorded_accesses(kube_request_log)
+    rules = role_rules()
+    assert forbidden(rules, accesses) == [], "rbac.yaml forbids requests our code makes"
+    assert unused(rules, accesses) == [], "rbac.yaml grants verbs nothing used"
+
+
+def test_the_replay_notices_a_missing_or_an_extra_grant(kube_request_log):
+    accesses = recorded_accesses(kube_request_log)
+    rules = role_rules()
+    for i, rule in enumerate(rules):  # every rule is needed: without it some recorded request is forbidden
+        for verb in rule["verbs"]:
+            fewer = [
+                dict(r, verbs=[v for v in r["verbs"] if v != verb]) if j == i else r
+                for j, r in enumerate(rules)
+            ]
+            assert forbidden(fewer, accesses), f"{rule['resources']} {verb} is granted but never needed"
+    extra = [*rules, {"apiGroups": [""], "resources": ["pods"], "verbs": ["deletecollection"]}]
+    assert unused(extra, accesses) == [("", "pods", "deletecollection")]
