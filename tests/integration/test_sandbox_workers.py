@@ -182,8 +182,8 @@ def test_deleted_pod_stops_its_worker_and_the_replacement_consumes(
     assert is_ready(pod_obj(core, replacement))
     done_by_old = old_worker.completed
 
-    added = services.backlog(90)
-    wait_for(lambda: drained(services), what="the backlog to drain")
+    added = services.backlog(300)  # 6 batches of 50 for 3 workers: each takes some
+    wait_for(lambda: drained(services), timeout=20, what="the backlog to drain")
 
     assert services.pool.worker(replacement).completed > 0  # the replacement's worker consumes
     assert old_worker.completed == done_by_old and not old_worker.alive  # the deleted one never again
