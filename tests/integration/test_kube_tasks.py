@@ -402,3 +402,37 @@ def test_unreachable_api_fails_clearly(ks, cluster, tmp_path):
     dead = ks.model_copy(update={"kubeconfig": str(tmp_path / "kc")})
     with pytest.raises(KubeUnavailable, match="unreachable"):
         kube.ready_worker_count(settings=dead)
+
+
+def test_wait_for_rollout_reports_an_incomplete_rollout_at_the_deadline(ks, cluster):
+    cluster.set_timing(start_delay=30.0)  # new pods stay Pending: the rollout cannot finish in time
+    kube.set_deployment_env.fn(
+        settings=ks, deployment="worker", container="worker", name=MODEL, value="x/y", dry_run=False
+    )
+    status = kube.wait_for_rollout.fn(settings=ks, deployment="worker", timeout_s=1.0)
+    assert not status.complete and 1.0 <= status.seconds < 5
+    assert "updated" in status.message or "available" in status.message
+
+
+def test_replacement_wait_survives_an_expired_watch(ks, cluster, mocker):
+    """A 410 Expired on the watch (our resourceVersion compacted away) -> relist and keep waiting."""
+    from kubernetes.client.exceptions import ApiException
+
+    real = kube._watch_pods
+    calls = {"n": 0}
+
+    def expire_first(settings, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ApiException(status=410, reason="Expired: too old resource version")
+        yield from real(settings, **kwargs)
+
+    mocker.patch.object(kube, "_watch_pods", side_effect=expire_first)
+    cluster.set_timing(start_delay=0.5)  # the replacement is not Ready before the first watch starts
+    before = worker_names(cluster)
+    kube.delete_pod.fn(settings=ks, pod=before[0], dry_run=False)
+    rep = kube.wait_for_replacement_ready.fn(
+        settings=ks, old_pod=before[0], previous_pods=before, timeout_s=15
+    )
+    assert rep.ready and rep.new_pod not in before and calls["n"] >= 2
+    assert len(api_requests(cluster, verb="list", resource="pods")) == 2  # the first list + the relist
