@@ -254,6 +254,8 @@ def kube_api_client(settings: Settings) -> k8s.ApiClient:
             raise KubeConfigError(f"cannot load Kubernetes configuration ({kind}): {e}") from e
         cfg.retries = 0
         api = k8s.ApiClient(cfg)
+        for stale in [k for k in _clients if k[:3] == key[:3]]:  # the kubeconfig file changed since
+            _clients.pop(stale).close()
         _clients[key] = api
         return api
 

@@ -63,6 +63,17 @@ def test_client_from_explicit_kubeconfig_and_context(tmp_path):
     assert kube_api_client(Settings(kubeconfig=path)).configuration.host == "http://127.0.0.1:1/a"
 
 
+def test_a_rewritten_kubeconfig_gives_a_new_client(tmp_path):
+    import os
+
+    path = write_kubeconfig(tmp_path / "kc", server="http://127.0.0.1:1")
+    first = kube_api_client(Settings(kubeconfig=path))
+    write_kubeconfig(tmp_path / "kc", server="http://127.0.0.1:3")
+    os.utime(path, ns=(1, os.stat(path).st_mtime_ns + 1_000_000))
+    second = kube_api_client(Settings(kubeconfig=path))
+    assert second is not first and second.configuration.host == "http://127.0.0.1:3/sandbox"
+
+
 def test_client_from_KUBECONFIG(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", write_kubeconfig(tmp_path / "kc", server="http://127.0.0.1:2"))
     assert kube_api_client(Settings()).configuration.host == "http://127.0.0.1:2/sandbox"
