@@ -1,0 +1,44 @@
+"""Faults injected into the queue tasks: a dropped connection is retried (safely), a real error is not."""
+
+from __future__ import annotations
+
+import pytest
+import redis as redis_lib
+
+import tasks.queue as queue
+from tasks.queue import QueueError, SweepPolicy, sweep_page_task
+from tests.integration.queue_fixtures import add_steps, deliver, make_group, new_entries, pending_ids
+
+
+def test_a_dropped_connection_is_retried_and_moves_each_entry_once(settings, redis, mocker):
+    make_group(redis, settings)
+    add_steps(redis, settings, ["r-1", "r-2"])
+    deliver(redis, settings, "w-dead", 2)
+    real = queue.apply_decisions
+    calls = {"n": 0}
+
+    def act_then_drop(**kwargs):
+        calls["n"] += 1
+        outcome = real(**kwargs)  # the atomic step ran, but the reply is lost on the way back
+        if calls["n"] == 1:
+            raise QueueError("cannot move pending entries") from redis_lib.ConnectionError("connection reset")
+        return outcome
+
+    mocker.patch.object(queue, "apply_decisions", side_effect=act_then_drop)
+    result = sweep_page_task(settings=settings, policy=SweepPolicy(dead_consumers=["w-dead"]), dry_run=False)
+
+    assert calls["n"] == 2
+    assert result.done == {}  # the retry found them already moved: nothing twice
+    assert sorted(f["job_id"] for _, f in new_entries(redis, settings)) == ["r-1", "r-2"]
+    assert pending_ids(redis, settings) == {}
+
+
+def test_a_redis_error_that_is_not_temporary_is_not_retried(settings, redis, mocker):
+    make_group(redis, settings)
+    add_steps(redis, settings, ["e-1"])
+    deliver(redis, settings, "w-dead", 1)
+    scan = mocker.patch.object(queue, "scan_pending", side_effect=QueueError("NOGROUP"))
+    with pytest.raises(QueueError, match="NOGROUP"):
+        sweep_page_task(settings=settings, policy=SweepPolicy(dead_consumers=["w-dead"]), dry_run=False)
+    assert scan.call_count == 1
+    assert len(pending_ids(redis, settings)) == 1
