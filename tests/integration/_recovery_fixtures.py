@@ -199,3 +199,23 @@ def wait_for(predicate, *, timeout: float = 10.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)  # poll
+
+
+def recovery_events(resource_ids: list[str], *, want: set[str], timeout: float = 20.0) -> dict[str, list[dict]]:
+    """``ferrumdeck.recovery.*`` events Prefect stored about these resources, once every wanted name arrived
+    (storage is flushed every few seconds, so poll with a deadline)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    body = {"filter": {"resource": {"id": resource_ids}, "event": {"prefix": ["ferrumdeck.recovery."]},
+                       "order": "ASC"}, "limit": 50}
+
+    def fetch() -> dict[str, list[dict]] | None:
+        r = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10)
+        r.raise_for_status()
+        found: dict[str, list[dict]] = {}
+        for e in r.json()["events"]:
+            found.setdefault(e["event"], []).append(e)
+        return found if want <= set(found) else None
+
+    return wait_for(fetch, timeout=timeout, what=f"events {sorted(want)}")

@@ -65,6 +65,14 @@ def test_crash_recovers_at_once_dead_letters_poison_settles_runs_and_replaces_th
     # report: cause, poison, counts
     assert "poison entry suspected" in result.report and poison["entry_id"] in result.report
     assert "KeyError" in result.report and "4 entries requeued at once" in result.report
+    # Prefect events for automations: what was done, about which pod / entry / run
+    events = fx.recovery_events(
+        [f"ferrumdeck.pod.{a}", f"ferrumdeck.entry.{poison['entry_id']}", f"ferrumdeck.run.{poison['run_id']}"],
+        want={"ferrumdeck.recovery.entries-recovered", "ferrumdeck.recovery.pod-deleted",
+              "ferrumdeck.recovery.poison-dead-lettered", "ferrumdeck.recovery.run-failed"},
+    )
+    assert events["ferrumdeck.recovery.entries-recovered"][0]["payload"]["requeued"] == 4
+    assert len(events["ferrumdeck.recovery.pod-deleted"]) == 1
 
 
 def test_a_healthy_busy_workers_entries_are_never_taken(env, cluster, redis):
