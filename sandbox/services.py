@@ -10,6 +10,7 @@ status page URLs). Faults are methods: ``crash``, ``hang``, ``poison``, ``llm_ou
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import tempfile
@@ -334,8 +335,6 @@ class SandboxServices:
     def env(self) -> dict[str, str]:
         """``FD_*`` environment variables that point the recovery flows (and kubectl) at this sandbox."""
         s = self.settings
-        import json
-
         return {
             "KUBECONFIG": str(s.kubeconfig),
             "FD_KUBECONFIG": str(s.kubeconfig),

@@ -8,6 +8,7 @@ from starlette.testclient import TestClient
 from sandbox.llm import LLMProviders, ProviderError, provider_of
 from sandbox.mcp import MCPServer
 from sandbox.pods import container_env, matches, parse_selector, pod_is_crashing, pod_is_ready
+from sandbox.workers import WorkerPool
 
 
 def pod(name: str, *, app: str = "mcp-server", ready: bool = True, terminating: bool = False) -> dict:
@@ -77,3 +78,51 @@ def test_pod_readers() -> None:
     crashing = pod("a", ready=False)
     crashing["status"]["containerStatuses"] = [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}]
     assert pod_is_crashing(crashing) and not pod_is_crashing(pod("a"))
+
+
+class FakeWorker:
+    """Stands in for a worker thread: records start/kill."""
+
+    def __init__(self, pod: str, model: str) -> None:
+        self.pod, self.model, self.alive, self.state = pod, model, False, "new"
+
+    def start(self) -> FakeWorker:
+        self.alive, self.state = True, "running"
+        return self
+
+    def kill(self) -> None:
+        self.alive, self.state = False, "killed"
+
+    def join(self, timeout: float | None = None) -> bool:
+        return True
+
+
+def test_pool_follows_pod_events() -> None:
+    made: list[FakeWorker] = []
+
+    def factory(pod_name: str, model: str) -> FakeWorker:
+        made.append(FakeWorker(pod_name, model))
+        return made[-1]
+
+    pool = WorkerPool(factory=factory, selector="app=worker")
+    pool.on_pod_event("ADDED", pod("w-1", app="worker", ready=False))  # Pending: nothing yet
+    pool.on_pod_event("ADDED", pod("m-1", app="mcp-server"))  # not a worker pod
+    assert made == []
+    pool.on_pod_event("MODIFIED", pod("w-1", app="worker"))
+    pool.on_pod_event("MODIFIED", pod("w-1", app="worker"))  # same pod again: one worker
+    assert [(w.pod, w.model, w.alive) for w in made] == [("w-1", "openai/gpt-4o", True)]
+
+    pool.on_pod_event("MODIFIED", pod("w-1", app="worker", terminating=True))  # Terminating: killed at once
+    assert not made[0].alive
+    pool.on_pod_event("MODIFIED", pod("w-1", app="worker"))  # a gone pod's name never runs again
+    assert len(made) == 1
+
+    pool.sync([pod("w-2", app="worker"), pod("w-3", app="worker")])
+    crashing = pod("w-2", app="worker", ready=False)
+    crashing["status"]["containerStatuses"] = [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}]
+    pool.on_pod_event("MODIFIED", crashing)
+    pool.on_pod_event("MODIFIED", pod("w-2", app="worker"))  # a crashed pod's worker never restarts
+    assert sorted(pool.running()) == ["w-3"] and pool.crashed() == {"w-2"}
+    pool.stop()
+    pool.on_pod_event("ADDED", pod("w-4", app="worker"))  # stopped: ignores events
+    assert [w.pod for w in made] == ["w-1", "w-2", "w-3"] and not any(w.alive for w in made)
