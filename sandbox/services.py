@@ -286,6 +286,11 @@ class SandboxServices:
     def llm_restore(self, provider: str | None = None) -> None:
         self.llm.restore(provider)
 
+    def restore_all(self) -> None:
+        """End every LLM and MCP outage (between drills); crashed/hung pods are the recoveries' business."""
+        self.llm.restore()
+        self.mcp.restore()
+
     def mcp_outage(self) -> None:
         """MCP ``/health`` fails and tool calls are refused until the mcp-server Deployment is restarted."""
         pods = self.cluster.pods(namespace=self.settings.namespace, selector=f"app={self.settings.mcp_deployment}")
