@@ -56,6 +56,7 @@ __all__ = [
     "KubeConfigError",
     "KubeConflict",
     "KubeError",
+    "KubeEvictionRefused",
     "KubeForbidden",
     "KubeNotFound",
     "KubeServerError",
@@ -121,6 +122,10 @@ class KubeTooManyRequests(KubeError):
     """429: API throttling, or an eviction a PodDisruptionBudget refuses for now."""
 
     temporary = True
+
+
+class KubeEvictionRefused(KubeTooManyRequests):
+    """429 on an eviction: a PodDisruptionBudget allows no disruption now (retried; may clear later)."""
 
 
 class KubeServerError(KubeError):
@@ -523,6 +528,10 @@ def delete_pod(*, settings: Settings, pod: str, evict: bool = False, dry_run: bo
         return PodActionResult(
             pod=pod, action=action, changed=False, existed=False, dry_run=False, detail="already gone"
         )
+    except KubeTooManyRequests as e:
+        if evict and "disruption budget" in str(e).lower():
+            raise KubeEvictionRefused(f"{e} (PodDisruptionBudget)", status=429) from e
+        raise
     return PodActionResult(
         pod=pod, action=action, changed=True, existed=True, dry_run=False, detail=f"{action}d"
     )

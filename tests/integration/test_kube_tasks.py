@@ -436,3 +436,27 @@ def test_replacement_wait_survives_an_expired_watch(ks, cluster, mocker):
     )
     assert rep.ready and rep.new_pod not in before and calls["n"] >= 2
     assert len(api_requests(cluster, verb="list", resource="pods")) == 2  # the first list + the relist
+
+
+def test_eviction_refused_by_a_disruption_budget(ks, cluster):
+    """Evict respects PodDisruptionBudgets: refused (429, retried, then a clear error) and the pod stays."""
+    from kubernetes import client as k8s
+
+    from tasks.kube import KubeEvictionRefused, kube_api_client
+
+    k8s.PolicyV1Api(kube_api_client(ks)).create_namespaced_pod_disruption_budget(  # setup, not our code:
+        "ferrumdeck",
+        k8s.V1PodDisruptionBudget(
+            metadata=k8s.V1ObjectMeta(name="worker-pdb"),
+            spec=k8s.V1PodDisruptionBudgetSpec(
+                min_available=3, selector=k8s.V1LabelSelector(match_labels={"app": "worker"})
+            ),
+        ),
+    )
+    cluster.clear_requests()  # ... so it stays out of the RBAC replay
+    before = worker_names(cluster)
+    with pytest.raises(KubeEvictionRefused, match="disruption budget"):
+        kube.delete_pod(settings=ks, pod=before[0], evict=True, dry_run=False)
+    evictions = api_requests(cluster, subresource="eviction")
+    assert len(evictions) == 1 + len(kube.RETRY_DELAYS_S) and {r.status for r in evictions} == {429}
+    assert worker_names(cluster) == before and all(ready(p) for p in cluster.pods(selector="app=worker"))

@@ -130,6 +130,7 @@ def test_error_messages_never_carry_a_bearer_token():
     ("exc", "retry"),
     [
         (KubeTooManyRequests("x"), True),
+        (kube.KubeEvictionRefused("x"), True),
         (KubeServerError("x"), True),
         (KubeUnavailable("x"), True),
         (KubeNotFound("x"), False),
