@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from sandbox.kube.resources import Resource
 from sandbox.kube.selectors import SelectorError, make_filter, selector_string
 from sandbox.kube.store import Store, StoreError, WatchEvent, not_found, now_iso
 from sandbox.kube.tables import table
+
+log = logging.getLogger(__name__)
 
 VERSION = {
     "major": "1",
@@ -214,6 +217,11 @@ class KubeApp:
                 response = status_response(400, "BadRequest", str(e))
             except PatchError as e:
                 response = status_response(422, "Invalid", str(e))
+            except ValueError as e:  # a malformed query value (tailLines=abc) or body field
+                response = status_response(400, "BadRequest", f"invalid request: {e}")
+            except Exception as e:  # a sandbox bug: still answer like an API server, and say so in the log
+                log.exception("sandbox API server failed on %s %s", request.method, path)
+                response = status_response(500, "InternalError", f"Internal error occurred: {type(e).__name__}: {e}")
         rec.status = response.status_code
         return response
 
