@@ -1,106 +1,90 @@
-"""`make demo` (interim): a dead worker's backlog recovered by the `queue-sweep` flow, on a real local Redis.
+"""`make demo`: the whole thing on one machine — every runbook failure injected, alerted, recovered, measured.
 
-Seeds a stream of its own (key prefix `fd-demo:<random>` on FD_REDIS_URL) with: a crashed worker's pending
-entries, a slow worker's stale entries, poison entries that already failed twice, an orphan (entry trimmed
-away), a busy live worker's fresh entries and a few not yet delivered. Then runs `queue-sweep` under a
-temporary Prefect server, prints its report and a one-line summary, and deletes its keys.
+Starts the stack (``sandbox.stack``: a Prefect server on SQLite, the sandbox FerrumDeck with a steady load of
+runs, the alert bridge, ``fd-recovery serve``), then runs each drill (``sandbox.drills``): inject the fault,
+post its alert to the bridge as Alertmanager would, wait for the triggered recovery flow, run
+``post-recovery-check`` until it passes. Prints a table (fault injected at, alert, flow run, recovered at,
+time to recovery, steps lost, steps dead-lettered) and the Prefect UI URL, and exits non-zero when a
+scenario lost a step or did not recover. ``--short``: crash + poison + MCP (CI). ``--keep``: leave it all
+running to explore until Ctrl-C.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import signal
 import sys
+import threading
 import time
-import uuid
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-
-from tasks.connections import redis_client  # noqa: E402
-from tasks.settings import Settings, use_settings  # noqa: E402
-
-DEAD, SLOW, LIVE = "worker-7f9c-dead", "worker-2b1d-slow", "worker-5a8e-live"
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
-def seed(settings: Settings, *, backlog: int = 2000) -> dict[str, int]:
-    """Build the scenario with the same commands FerrumDeck's workers use (XADD, XREADGROUP)."""
-    client = redis_client(settings)
-    client.xgroup_create(settings.stream, settings.group, id="$", mkstream=True)
-
-    def add(jobs: list[str], attempts: int | None = None) -> None:
-        with client.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                fields = {"job_id": job, "run_id": f"run_{job.split('_')[1]}", "step_id": job, "payload": "{}"}
-                if attempts is not None:
-                    fields["attempts"] = str(attempts)
-                pipe.xadd(settings.stream, fields)
-            pipe.execute()
-
-    def deliver(consumer: str, count: int) -> list[str]:
-        got = client.xreadgroup(settings.group, consumer, {settings.stream: ">"}, count=count)
-        return [entry_id for _, entries in got for entry_id, _ in entries]
-
-    poison = backlog // 20
-    add([f"stp_{i:05d}" for i in range(backlog - poison)])
-    add([f"stp_{i:05d}" for i in range(backlog - poison, backlog)], attempts=2)  # failed twice already
-    deliver(DEAD, backlog)
-    add([f"stp_{i:05d}" for i in range(backlog, backlog + 50)])
-    slow = deliver(SLOW, 50)
-    client.xclaim(settings.stream, settings.group, SLOW, 0, slow, idle=6 * 60_000, justid=True)  # 6 min idle
-    add(["stp_orphan"])
-    orphan = deliver(DEAD, 1)
-    client.xdel(settings.stream, *orphan)  # trimmed away while pending
-    add([f"stp_{i:05d}" for i in range(backlog + 50, backlog + 60)])
-    deliver(LIVE, 10)
-    add([f"stp_{i:05d}" for i in range(backlog + 60, backlog + 80)])
-    return {"backlog": backlog, "poison": poison, "stale": 50, "orphans": 1, "live": 10, "queued": 20}
+def say(message: str) -> None:
+    print(message, flush=True)
 
 
-def main() -> int:
-    base = Settings()
-    prefix = f"fd-demo:{uuid.uuid4().hex[:8]}"
-    settings = base.model_copy(
-        update={
-            "stream": f"{prefix}:queue:steps",
-            "dlq_stream": f"{prefix}:queue:dlq",
-            "state_prefix": f"{prefix}:recovery",
-        }
-    )
-    client = redis_client(settings)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from sandbox.drills import SCENARIOS
+
+    p = argparse.ArgumentParser(prog="python -m deployments.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--short", action="store_true", help="CI-sized: crash + poison + mcp_outage only")
+    p.add_argument("--keep", action="store_true", help="keep everything running afterwards (Ctrl-C stops it)")
+    p.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), help="run only these drills, in order")
+    p.add_argument("--state-dir", default=".fd-demo", help="Prefect home, logs, SQLite databases (recreated)")
+    p.add_argument("--load", type=float, default=5.0, help="steady load, steps per second")
+    p.add_argument("--backlog", type=int, default=10_000, help="steps in the backlog drill's burst")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from sandbox.drills import SHORT, SCENARIOS, run_drills, table
+    from sandbox.stack import DRILL_PARAMETERS, DRILL_SETTINGS, Stack
+
+    names = args.scenarios or (SHORT if args.short else list(SCENARIOS))
+    # SIGTERM (CI cancelling the job) stops everything like Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    started = time.monotonic()
+    stack = None
     try:
-        seeded = seed(settings)
-        print(
-            f"Seeded `{settings.stream}`: {DEAD} crashed holding {seeded['backlog'] + 1} entries "
-            f"({seeded['poison']} already failed twice, 1 trimmed away), {SLOW} idle 6 min on {seeded['stale']}, "
-            f"{LIVE} busy with {seeded['live']}, {seeded['queued']} not delivered yet.\n",
-            flush=True,
-        )
-        from prefect.testing.utilities import prefect_test_harness
-
-        from flows.queue_sweep import queue_sweep
-
-        print("Starting a temporary Prefect server ...", flush=True)
-        with prefect_test_harness(server_startup_timeout=90), use_settings(settings):
-            started = time.perf_counter()
-            out = queue_sweep(dead_consumers=[DEAD], delete_idle_consumers_ms=0, dry_run=False)
-            took = time.perf_counter() - started
-        print(out.markdown)
-        done = out.result.done
-        print(
-            f"queue-sweep {out.outcome} in {took:.1f}s: scanned {out.result.scanned}, requeued "
-            f"{done.get('requeued', 0)}, dead-lettered {done.get('dead_lettered', 0)}, orphans acked "
-            f"{done.get('orphan_acked', 0)}, left {out.result.decided.get('leave', 0)} with live workers; "
-            f"pending {out.before.pending} -> {out.after.pending}, DLQ {out.before.dlq_length} -> "
-            f"{out.after.dlq_length}; consumers deleted: {', '.join(out.cleanup.deleted) if out.cleanup else '-'}",
-            flush=True,
-        )
-        ok = out.after.pending == seeded["live"] and out.after.dlq_length == seeded["poison"]
-        return 0 if ok else 1
+        stack = Stack.start(state_dir=args.state_dir, load_rate_per_s=args.load, say=say)
+        info = stack.summary()
+        say(f"stack ready in {stack.timings['ready_s']:.1f} s — Prefect UI {stack.ui_url}; "
+            f"load {args.load:g} steps/s on {info['sandbox']['stream']}; "
+            f"workers {', '.join(info['sandbox']['workers'])}")
+        say(f"drill profile: settings {DRILL_SETTINGS}; deployment parameters {DRILL_PARAMETERS}\n")
+        results = run_drills(stack, names, say=say, options={"backlog": {"n": args.backlog}})
+        failed = [r for r in results if not r.ok]
+        say("\n" + table(results) + "\n")
+        for r in results:
+            extra = ", ".join(f"{k}={v}" for k, v in r.checks.items())
+            say(f"  {r.scenario:<11} steps_lost {r.steps.lost}  (total {r.steps.total}, completed "
+                f"{r.steps.completed}, failed with error recorded {r.steps.failed}, dead-lettered "
+                f"{r.steps.dead_lettered}, still queued/in flight {r.steps.queued + r.steps.in_flight}){'; ' + extra if extra else ''}")
+            for problem in r.problems:
+                say(f"  {r.scenario:<11} PROBLEM: {problem}")
+        say(f"\nEvery flow run and its report: {stack.ui_url}/runs  (artifacts: {stack.ui_url}/artifacts)")
+        verdict = (f"{len(results)} scenarios recovered, steps_lost 0 in every one" if not failed else
+                   f"{len(failed)} of {len(results)} scenarios FAILED: {', '.join(r.scenario for r in failed)}")
+        say(f"demo {'OK' if not failed else 'FAILED'}: {verdict} ({time.monotonic() - started:.0f} s in all)")
+        if args.keep:
+            env = stack.write_env()
+            say(f"\n--keep: everything keeps running. Prefect UI {stack.ui_url}; environment: set -a; . {env}; "
+                f"set +a; then e.g. kubectl get pods -n ferrumdeck. Ctrl-C stops it all.")
+            stack.keep_keys = False
+            threading.Event().wait()
+        return 1 if failed else 0
+    except KeyboardInterrupt:
+        say("\ninterrupted: stopping everything ...")
+        return 130
     finally:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+        if stack is not None:
+            stack.stop()
 
 
 if __name__ == "__main__":
