@@ -89,10 +89,10 @@ def _load(flow_name: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def _call(fn: Any, params: dict[str, Any]) -> Any:
-    """Run a recovery as a subflow with the parameters it accepts (unknown ones are dropped, and said so)."""
+def split_parameters(fn: Any, params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The parameters a recovery flow accepts, and the names it does not (reported, never passed)."""
     accepted = inspect.signature(fn.fn).parameters
-    return fn(**{k: v for k, v in params.items() if k in accepted})
+    return {k: v for k, v in params.items() if k in accepted}, sorted(k for k in params if k not in accepted)
 
 
 def _summary(value: Any) -> str:
@@ -163,14 +163,18 @@ def worker_failure_triage(
             result.steps.append(StepResult(flow=step.flow, parameters=params, status="skipped", summary="an earlier step failed"))
             continue
         try:
-            value = _call(_load(step.flow), params)
+            fn = _load(step.flow)
+            params, dropped = split_parameters(fn, params)
+            value = fn(**params)
         except Exception as e:  # noqa: BLE001 - one failing recovery must not hide the rest; reported below
             failed = True
             log.warning("triage step %s failed: %s", step.flow, type(e).__name__)
             result.steps.append(StepResult(flow=step.flow, parameters=params, status="failed",
                                            summary=f"{type(e).__name__}: {str(e)[:200]}"))
             continue
-        result.steps.append(StepResult(flow=step.flow, parameters=params, status="completed", summary=_summary(value)))
+        note = f" (ignored unknown parameters: {', '.join(dropped)})" if dropped else ""
+        result.steps.append(StepResult(flow=step.flow, parameters=params, status="completed",
+                                       summary=_summary(value) + note))
     report.table("Done", [s.model_dump() for s in result.steps], caption="Subflows")
     final = result.steps[-1] if result.steps else None
     report.add("Verified", f"post-recovery-check: {final.summary if final else 'not run'}")

@@ -129,9 +129,9 @@ def worker_hang_recovery(
             if verdict.refused:
                 out.refused = verdict.reason
         if out.refused:
-            if not dry_run or "dry run" not in out.refused:
+            if not out.refused.startswith("dry run"):
                 report.add("Done", f"- `{v.pod}`: {out.refused}")
-            if dry_run and "kill switch" not in out.refused:
+            else:
                 preview = queue.recover_consumers_task(settings=settings, consumers=[v.consumer],
                                                        max_deliveries=max_deliveries, dry_run=True)
                 report.add("Done", f"- `{v.pod}`: dry run: would {'evict' if evict else 'delete'} the pod, wait for "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.variables import Variable
 
 from flows.worker_crash import worker_crash_recovery
@@ -123,6 +125,9 @@ def test_the_same_alert_three_times_recovers_the_pod_once(env, cluster, redis):
     state = queue_state(redis, s)
     assert len([1 for _, f in state["stream"] if f.get("attempts")]) == 4  # requeued once, not 3 times
     assert len(state["dlq"]) == 1
+    with get_client(sync_client=True) as client:
+        named = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"recover {a}"])))
+    assert len(named) == 3  # templated run names: "recover <pod>"
     second, third = results[1], results[2]
     for r in (second, third):
         assert r.targets == [] or r.targets[0].refused
