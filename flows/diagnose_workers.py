@@ -128,6 +128,12 @@ def diagnose_workers(
         + ".",
     )
     report.table("Observed", pod_rows(diagnoses), caption="Worker pods")
+    if diagnoses and all(
+        d.cpu_millicores is None for d in diagnoses if d.classification is not Classification.GONE
+    ):
+        report.add(
+            "Observed", "No CPU metrics (metrics.k8s.io unavailable): hung workers cannot be recognised."
+        )
     for d in unhealthy:
         report.add("Observed", _evidence(d))
         logger.warning("%s", d.summary)

@@ -10,6 +10,7 @@ RBAC (deployments/kubernetes/rbac.yaml) grants exactly what these tasks call; ea
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -24,8 +25,9 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from pydantic import BaseModel
 
 from tasks.kube_diagnosis import (
@@ -178,6 +180,14 @@ def _api(what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise _translate(e, what) from e
     except (urllib3.exceptions.HTTPError, OSError) as e:
         raise KubeUnavailable(f"{what}: Kubernetes API unreachable ({type(e).__name__})") from e
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger, or the module's when called through ``.fn`` outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def is_temporary(exc: BaseException) -> bool:
@@ -446,7 +456,8 @@ def diagnose_pods(
     listing = _list_worker_pods(settings)
     try:
         cpu = _worker_metrics(settings)
-    except KubeNotFound:  # no metrics API in this cluster: diagnose without CPU
+    except (KubeNotFound, KubeForbidden, KubeServerError) as e:  # no (working) metrics API: no CPU figures
+        _logger().warning("diagnosing without CPU metrics: %s", e)
         cpu = {}
     now = datetime.now(UTC)
     wanted = set(pods) if pods is not None else None

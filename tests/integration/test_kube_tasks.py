@@ -460,3 +460,14 @@ def test_eviction_refused_by_a_disruption_budget(ks, cluster):
     evictions = api_requests(cluster, subresource="eviction")
     assert len(evictions) == 1 + len(kube.RETRY_DELAYS_S) and {r.status for r in evictions} == {429}
     assert worker_names(cluster) == before and all(ready(p) for p in cluster.pods(selector="app=worker"))
+
+
+def test_diagnose_without_a_working_metrics_api(ks, cluster):
+    """metrics-server down (503): diagnosis still classifies from pod state, CPU unknown, no retry storm."""
+    victim = worker_names(cluster)[0]
+    cluster.crash_loop(victim)
+    cluster.fail_api(status=503, count=10, path_contains="/apis/metrics.k8s.io/")
+    result = {d.name: d for d in kube.diagnose_pods(settings=ks)}
+    assert result[victim].classification is Classification.CRASH_LOOPING
+    assert all(d.cpu_millicores is None for d in result.values())
+    assert len([r for r in cluster.requests if r.api_group == "metrics.k8s.io"]) == 1
