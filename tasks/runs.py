@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import sqlalchemy as sa
 from prefect import task
@@ -103,7 +103,9 @@ def _define(runs_name: str, steps_name: str) -> RunsTables:
         sa.Column("completed_at", UTCDateTime, nullable=True),
         sa.Column("agent_version_id", sa.Text, nullable=True),
         sa.Column("error", JSONDoc, nullable=True),
-        sa.Index(f"ix_{runs_name}_status_started_at", "status", "started_at"),
+        # (status, started_at) serves the stuck-run predicate; the trailing id matches the keyset order and
+        # lets the find read the index alone (an index-only scan), never the table's pages.
+        sa.Index(f"ix_{runs_name}_status_started_at", "status", "started_at", "id"),
     )
     steps = sa.Table(
         steps_name,
@@ -196,6 +198,13 @@ class RunRow(BaseModel):
     error: Any = None
 
 
+class StuckRun(NamedTuple):
+    """A run found stuck (status ``running``): a plain tuple, since one sweep may find tens of thousands."""
+
+    id: str
+    started_at: datetime
+
+
 class StepRow(BaseModel):
     """One step of a run."""
 
@@ -244,24 +253,31 @@ def _aware(value: datetime) -> datetime:
     return value
 
 
-def find_stuck_runs(*, settings: Settings, cutoff: datetime, limit: int | None = None) -> list[RunRow]:
-    """Runs ``running`` since before ``cutoff``, oldest first, at most ``limit``.
-
-    Keyset-paged on (started_at, id) in pages of ``runs_batch_size``, each page served by the
-    (status, started_at) index: cost grows with the stuck runs returned, not with the table.
-    """
-    cutoff = _aware(cutoff)
+def stuck_runs_query(*, settings: Settings, cutoff: datetime) -> sa.Select:
+    """The first page's SELECT of ``find_stuck_runs`` (without LIMIT), also used to EXPLAIN it."""
     r = tables(settings).runs
-    page = settings.runs_batch_size
-    base = (
-        sa.select(r.c.id, r.c.status, r.c.started_at, r.c.agent_version_id)
-        .where(r.c.status == RUNNING, r.c.started_at < cutoff)
+    return (
+        sa.select(r.c.id, r.c.started_at)
+        .where(r.c.status == RUNNING, r.c.started_at < _aware(cutoff))
         .order_by(r.c.started_at, r.c.id)
     )
-    found: list[RunRow] = []
+
+
+def find_stuck_runs(*, settings: Settings, cutoff: datetime, limit: int | None = None) -> list[StuckRun]:
+    """Runs ``running`` since before ``cutoff``, oldest first, at most ``limit``.
+
+    Keyset-paged on (started_at, id) in pages of ``runs_batch_size``, each page an index-only range scan of
+    the (status, started_at, id) index: cost grows with the stuck runs returned, not with the table.
+    """
+    r = tables(settings).runs
+    page = settings.runs_batch_size
+    base = stuck_runs_query(settings=settings, cutoff=cutoff)
+    found: list[StuckRun] = []
     last: tuple[datetime, str] | None = None
     engine = db_engine(settings)
-    with _errors("find stuck runs"), engine.connect() as conn:
+    # autocommit: each page is its own short statement (no snapshot or locks held between pages, and no
+    # BEGIN/ROLLBACK round trips)
+    with _errors("find stuck runs"), engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         while limit is None or len(found) < limit:
             size = page if limit is None else min(page, limit - len(found))
             stmt = base
@@ -270,14 +286,10 @@ def find_stuck_runs(*, settings: Settings, cutoff: datetime, limit: int | None =
                     sa.or_(r.c.started_at > last[0], sa.and_(r.c.started_at == last[0], r.c.id > last[1]))
                 )
             rows = conn.execute(stmt.limit(size)).all()
-            conn.rollback()  # end the read transaction between pages: no long snapshot, no held locks
-            found += [
-                RunRow.model_construct(id=i, status=s, started_at=t, agent_version_id=a)
-                for i, s, t, a in rows
-            ]
+            found += map(StuckRun._make, rows)
             if len(rows) < size:
                 break
-            last = (rows[-1][2], rows[-1][0])
+            last = (rows[-1][1], rows[-1][0])
     return found
 
 

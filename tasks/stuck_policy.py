@@ -25,7 +25,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from tasks.queue import StepLocation
-from tasks.runs import RunRow, StepRow
+from tasks.runs import RunRow, StepRow, StuckRun
 
 Action = Literal["auto", "fail", "retry"]
 DEFAULT_MIN_IDLE_MS = 300_000
@@ -125,7 +125,7 @@ def decide_step(
 
 def decide(
     *,
-    runs: Sequence[RunRow],
+    runs: Sequence[StuckRun | RunRow],
     steps: Mapping[str, Sequence[StepRow]],
     locations: Mapping[str, StepLocation],
     action: Action = "auto",

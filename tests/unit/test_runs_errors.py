@@ -83,7 +83,7 @@ def test_table_names_come_from_settings_and_are_cached():
     assert t.runs.name == "runs_x" and t.steps.name == "steps_x" and runs.tables(s) is t
     assert {"kind", "model", "attempts"} <= set(t.steps.c.keys())
     assert isinstance(t.runs.c.error.type.dialect_impl(postgresql.dialect()), postgresql.JSONB)
-    assert [tuple(i.columns.keys()) for i in t.runs.indexes] == [("status", "started_at")]
+    assert [tuple(i.columns.keys()) for i in t.runs.indexes] == [("status", "started_at", "id")]
 
 
 def test_empty_fail_does_nothing_without_a_database():
