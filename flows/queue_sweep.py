@@ -23,12 +23,12 @@ from tasks.queue import (
     delete_empty_consumers_task,
     inspect_queue_task,
     outcome_rows,
-    sweep_page_task,
+    sweep_pages_task,
 )
 from tasks.report import Report
 from tasks.settings import get_settings
 
-GUARD_EVERY_PAGES = 20
+PAGES_PER_TASK = 10  # one task run handles up to 10 pages; the kill switch is re-checked between task runs
 
 
 class QueueSweepOutcome(BaseModel):
@@ -155,22 +155,23 @@ def queue_sweep(
     total = SweepResult(dry_run=not acting)
     start: str | None = "-"
     while start is not None:
-        if acting and total.pages and total.pages % GUARD_EVERY_PAGES == 0:
+        if acting and total.pages:
             again = refuse_if_paused(dry_run=False, settings=settings)
             if again.refused:
                 report.add("Done", f"Stopped after {total.pages} pages: {again.reason}.")
                 break
-        moved = sum(v for k, v in total.decided.items() if k != "leave")
-        page = sweep_page_task(
+        moves = sum(v for k, v in total.decided.items() if k != "leave")
+        part = sweep_pages_task(
             settings=settings,
             policy=policy,
             start=start,
             batch_size=batch_size,
-            max_actions=max_entries - moved,
+            max_entries=max_entries - moves,
+            max_pages=PAGES_PER_TASK,
             dry_run=not acting,
         )
-        total.merge(page)
-        start = page.next_start
+        total.merge(part)
+        start = part.next_start
 
     cleanup = None
     if delete_idle_consumers_ms is not None:

@@ -486,30 +486,27 @@ def sweep_pending(
     max_entries: int | None = None,
     dry_run: bool,
     consumer: str | None = None,
+    start: str = "-",
+    max_pages: int | None = None,
 ) -> SweepResult:
-    """Sweep the whole pending list page by page (scan -> decide -> act); at most ``max_entries`` moves.
+    """Sweep the pending list page by page (scan -> decide -> act); at most ``max_entries`` moves.
 
-    Cost O(P) Redis work for P pending entries, in P / batch_size round trips; memory one page.
+    Stops after ``max_pages`` pages when given (``next_start`` then says where to go on). Cost O(P) Redis work
+    for P pending entries, in P / batch_size round trips; memory one page.
     """
-    total = SweepResult(dry_run=dry_run)
-    start: str | None = "-"
-    while start is not None:
-        left = (
-            None
-            if max_entries is None
-            else max_entries - sum(v for k, v in total.decided.items() if k != "leave")
-        )
+    total = SweepResult(dry_run=dry_run, next_start=start)
+    while total.next_start is not None and (max_pages is None or total.pages < max_pages):
+        moves = sum(v for k, v in total.decided.items() if k != "leave")
         page = sweep_page(
             settings=settings,
             policy=policy,
-            start=start,
+            start=total.next_start,
             batch_size=batch_size,
-            max_actions=left,
+            max_actions=None if max_entries is None else max_entries - moves,
             dry_run=dry_run,
             consumer=consumer,
         )
         total.merge(page)
-        start = page.next_start
     return total
 
 
@@ -780,23 +777,25 @@ inspect_queue_task = task(name="inspect-queue", **_RETRY)(inspect_queue)
 locate_steps_task = task(name="locate-steps", **_RETRY)(locate_steps)
 
 
-@task(name="sweep-pending-page", task_run_name="sweep-page from {start}", **_RETRY)
-def sweep_page_task(
+@task(name="sweep-pending", task_run_name="sweep-pending from {start}", **_RETRY)
+def sweep_pages_task(
     *,
     settings: Settings,
     policy: SweepPolicy,
     start: str = "-",
     batch_size: int = 1000,
-    max_actions: int | None = None,
+    max_entries: int | None = None,
+    max_pages: int = 10,
     dry_run: bool,
 ) -> SweepResult:
-    """One page of a sweep: scan, decide, act (the flow guards before calling with dry_run=False)."""
-    return sweep_page(
+    """Up to ``max_pages`` pages of a sweep from ``start``: scan, decide, act (the flow guards before acting)."""
+    return sweep_pending(
         settings=settings,
         policy=policy,
         start=start,
         batch_size=batch_size,
-        max_actions=max_actions,
+        max_entries=max_entries,
+        max_pages=max_pages,
         dry_run=dry_run,
     )
 

@@ -6,7 +6,7 @@ import pytest
 import redis as redis_lib
 
 import tasks.queue as queue
-from tasks.queue import QueueError, SweepPolicy, sweep_page_task
+from tasks.queue import QueueError, SweepPolicy, sweep_pages_task
 from tests.integration.queue_fixtures import add_steps, deliver, make_group, new_entries, pending_ids
 
 
@@ -25,7 +25,7 @@ def test_a_dropped_connection_is_retried_and_moves_each_entry_once(settings, red
         return outcome
 
     mocker.patch.object(queue, "apply_decisions", side_effect=act_then_drop)
-    result = sweep_page_task(settings=settings, policy=SweepPolicy(dead_consumers=["w-dead"]), dry_run=False)
+    result = sweep_pages_task(settings=settings, policy=SweepPolicy(dead_consumers=["w-dead"]), dry_run=False)
 
     assert calls["n"] == 2
     assert result.done == {}  # the retry found them already moved: nothing twice
@@ -39,6 +39,6 @@ def test_a_redis_error_that_is_not_temporary_is_not_retried(settings, redis, moc
     deliver(redis, settings, "w-dead", 1)
     scan = mocker.patch.object(queue, "scan_pending", side_effect=QueueError("NOGROUP"))
     with pytest.raises(QueueError, match="NOGROUP"):
-        sweep_page_task(settings=settings, policy=SweepPolicy(dead_consumers=["w-dead"]), dry_run=False)
+        sweep_pages_task(settings=settings, policy=SweepPolicy(dead_consumers=["w-dead"]), dry_run=False)
     assert scan.call_count == 1
     assert len(pending_ids(redis, settings)) == 1
