@@ -135,6 +135,11 @@ def test_workers_consume_under_pod_names_and_record_runs(services: SandboxServic
 
     rows = step_rows(services, [a.step_id for a in added])
     assert {r["status"] for r in rows.values()} == {"completed"}
+    assert all(r["completed_at"] is not None for r in rows.values())
+    steps = tables(services.settings).steps
+    with db_engine(services.settings).connect() as conn:  # SQL NULL, not a JSON null, for "no error"
+        no_error = conn.execute(sa.select(sa.func.count()).where(steps.c.error.is_(None))).scalar_one()
+    assert no_error == 60
     llm = [r for r in rows.values() if r["kind"] == "llm"]
     assert len(llm) == 40 and {r["model"] for r in llm} == {"openai/gpt-4o"}  # the pods' LITELLM_MODEL
     assert set(run_statuses(services, [a.run_id for a in added]).values()) == {"completed"}
