@@ -257,3 +257,51 @@ def test_explain_uses_the_status_started_at_index(runs_settings):
         plan = "\n".join(row[0] for row in conn.execute(sa.text(f"EXPLAIN {sql}")))
     assert f"ix_{r}_status_started_at" in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+def _flaky_updates(mocker, error: Exception, times: int) -> dict:
+    """Make the first ``times`` UPDATEs fail with ``error`` (a fault injected under the real database)."""
+    real = sa.engine.Connection.execute
+    seen = {"raised": 0}
+
+    def execute(self, statement, *args, **kwargs):
+        if isinstance(statement, sa.Update) and seen["raised"] < times:
+            seen["raised"] += 1
+            raise error
+        return real(self, statement, *args, **kwargs)
+
+    mocker.patch.object(sa.engine.Connection, "execute", execute)
+    return seen
+
+
+def _fail_in_a_flow(settings, run_ids):
+    from prefect import flow
+
+    @flow
+    def fail_flow():
+        return runs.fail_runs_task.with_options(retry_delay_seconds=0)(
+            settings=settings, run_ids=run_ids, cutoff=ago(30)
+        )
+
+    return fail_flow()
+
+
+def test_connection_loss_is_retried_by_the_task(runs_settings, mocker):
+    _seed(runs_settings, n_stuck=3)
+    lost = sa.exc.OperationalError(
+        "UPDATE", {}, Exception("server closed the connection unexpectedly"), connection_invalidated=True
+    )
+    seen = _flaky_updates(mocker, lost, times=2)
+    result = _fail_in_a_flow(runs_settings, ["run_s0", "run_s1", "run_s2"])
+    assert seen["raised"] == 2 and sorted(result.changed) == ["run_s0", "run_s1", "run_s2"]
+    assert [statuses(runs_settings)[f"run_s{i}"] for i in range(3)] == ["failed"] * 3
+
+
+def test_permanent_errors_are_not_retried(runs_settings, mocker):
+    _seed(runs_settings, n_stuck=1)
+    bad = sa.exc.ProgrammingError("UPDATE", {}, Exception('column "nope" does not exist'))
+    seen = _flaky_updates(mocker, bad, times=10)
+    with pytest.raises(runs.RunsError, match="could not fail runs") as info:
+        _fail_in_a_flow(runs_settings, ["run_s0"])
+    assert seen["raised"] == 1 and not isinstance(info.value, runs.RunsTemporaryError)
+    assert statuses(runs_settings)["run_s0"] == "running"
