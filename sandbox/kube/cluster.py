@@ -18,7 +18,7 @@ import uvicorn
 
 from sandbox.kube import resources as R
 from sandbox.kube.controllers import NODE_IP, NODE_NAME, Controller, Timing
-from sandbox.kube.selectors import make_filter
+from sandbox.kube.selectors import make_filter, parse_label_selector
 from sandbox.kube.server import ApiState, FaultRule, KubeApp, RecordedRequest, default_workload
 from sandbox.kube.store import Store, now_iso, now_iso_micro
 
@@ -192,6 +192,7 @@ class SandboxCluster:
                 self.state.faults.clear()
             ctl.clear_timers()
             ctl.timing = self._base_timing
+            ctl.schedule_block = None
             with self.store.lock:
                 for res in (R.PODS, R.REPLICASETS, R.DEPLOYMENTS, R.PDBS, R.EVENTS, R.NODES, R.NAMESPACES):
                     for obj in self.store.list(res):
@@ -211,6 +212,7 @@ class SandboxCluster:
                 self.store.compact()
                 self.store.epoch += 1
             self.store.wake_watchers()
+        ctl.flush()  # listeners have heard of the reset before it returns; later listeners hear only later changes
         with self.state.lock:
             self.state.requests.clear()
 
@@ -304,6 +306,13 @@ class SandboxCluster:
         with self.controller.mutex:
             return self.controller.unschedulable(namespace, pod)
 
+    def set_schedulable(self, enabled: bool, *, selector: str | None = None) -> None:
+        """``False``: new pods (matching ``selector``) stay Pending/Unschedulable with a FailedScheduling event;
+        ``True``: lift the block and schedule every pod left Unschedulable (they start as usual)."""
+        reqs = parse_label_selector(selector)
+        with self.controller.mutex, self.store.lock:
+            self.controller.set_schedulable(enabled, reqs)
+
     def fail_api(self, status: int | str = 500, count: int = 1, path_contains: str | None = None, *,
                  retry_after: int | None = None) -> None:
         """The next ``count`` requests (whose path contains ``path_contains``) answer ``status`` (429, 500, 503 or
@@ -334,7 +343,8 @@ class SandboxCluster:
         self.controller._sim(obj).logs.setdefault(name, []).append((now_iso_micro(), line))
 
     def add_listener(self, callback: Callable[[str, dict], None]) -> None:
-        """``callback(event_type, pod)`` on every pod change, from the controller thread (after the change)."""
+        """``callback(event_type, pod)`` on every pod change from now on, called from the controller thread."""
+        self.controller.flush()
         self.controller.listeners.append(callback)
 
     def remove_listener(self, callback: Callable[[str, dict], None]) -> None:

@@ -92,6 +92,39 @@ def _set_condition(conditions: list[dict], new: dict) -> None:
     conditions.append(new)
 
 
+def _pending_status(spec: dict) -> dict:
+    """A just-scheduled pod: Pending, containers ContainerCreating."""
+    names = " ".join(c["name"] for c in spec.get("containers") or [])
+    return {
+        "phase": "Pending",
+        "conditions": [
+            _condition("PodReadyToStartContainers", "False"),
+            _condition("Initialized", "True"),
+            _condition("Ready", "False", reason="ContainersNotReady", message=f"containers with unready status: [{names}]"),
+            _condition("ContainersReady", "False", reason="ContainersNotReady",
+                       message=f"containers with unready status: [{names}]"),
+            _condition("PodScheduled", "True"),
+        ],
+        "hostIP": NODE_IP,
+        "hostIPs": [{"ip": NODE_IP}],
+        "startTime": now_iso(),
+        "qosClass": "BestEffort",
+        "containerStatuses": [
+            {
+                "name": c["name"],
+                "image": c.get("image", ""),
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "started": False,
+                "state": {"waiting": {"reason": "ContainerCreating"}},
+                "lastState": {},
+            }
+            for c in spec.get("containers") or []
+        ],
+    }
+
+
 def _owner(obj: dict) -> dict | None:
     for ref in obj["metadata"].get("ownerReferences") or []:
         if ref.get("controller"):
@@ -146,6 +179,8 @@ class Controller:
         self._ip = itertools.count(2)
         self.listeners: list[Callable[[str, dict], None]] = []
         self._pod_events: deque[tuple[str, dict]] = deque()
+        self._dispatching = False
+        self.schedule_block: list | None = None  # label requirements of pods that cannot be scheduled
         self._thread: threading.Thread | None = None
         store.subscribe(self._on_event)
 
@@ -203,13 +238,26 @@ class Controller:
             fn()
 
     def _dispatch(self) -> None:
-        while self._pod_events:
-            kind, pod = self._pod_events.popleft()
-            for listener in list(self.listeners):
-                try:
-                    listener(kind, copy.deepcopy(pod))
-                except Exception:
-                    log.exception("pod listener %r failed", listener)
+        self._dispatching = True
+        try:
+            while self._pod_events:
+                kind, pod = self._pod_events.popleft()
+                for listener in list(self.listeners):
+                    try:
+                        listener(kind, copy.deepcopy(pod))
+                    except Exception:
+                        log.exception("pod listener %r failed", listener)
+        finally:
+            self._dispatching = False
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until the controller thread has handed every pod change so far to the listeners."""
+        if threading.current_thread() is self._thread or self._thread is None or not self._thread.is_alive():
+            return
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while (self._pod_events or self._dispatching) and time.monotonic() < deadline:
+            time.sleep(0.002)  # poll
 
     def drain_listener_queue(self) -> None:
         """Drop pending pod notifications (reset)."""
@@ -246,7 +294,7 @@ class Controller:
             if orphan and not pod["metadata"].get("deletionTimestamp"):
                 self.terminate_pod(pod["metadata"]["namespace"], pod["metadata"]["name"])
         live = {p["metadata"]["uid"] for p in self.store.list(PODS)}
-        for uid in [u for u in self.sims if u not in live]:
+        for uid in [u for u in list(self.sims) if u not in live]:
             del self.sims[uid]
 
     def owned(self, res: Resource, owner: dict) -> list[dict]:
@@ -557,35 +605,7 @@ class Controller:
                 "ownerReferences": [_owner_ref(rs)],
             },
             "spec": spec,
-            "status": {
-                "phase": "Pending",
-                "conditions": [
-                    _condition("PodReadyToStartContainers", "False"),
-                    _condition("Initialized", "True"),
-                    _condition("Ready", "False", reason="ContainersNotReady",
-                               message=f"containers with unready status: [{' '.join(c['name'] for c in spec.get('containers') or [])}]"),
-                    _condition("ContainersReady", "False", reason="ContainersNotReady",
-                               message=f"containers with unready status: [{' '.join(c['name'] for c in spec.get('containers') or [])}]"),
-                    _condition("PodScheduled", "True"),
-                ],
-                "hostIP": NODE_IP,
-                "hostIPs": [{"ip": NODE_IP}],
-                "startTime": now_iso(),
-                "qosClass": "BestEffort",
-                "containerStatuses": [
-                    {
-                        "name": c["name"],
-                        "image": c.get("image", ""),
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "started": False,
-                        "state": {"waiting": {"reason": "ContainerCreating"}},
-                        "lastState": {},
-                    }
-                    for c in spec.get("containers") or []
-                ],
-            },
+            "status": _pending_status(spec),
         }
         if tmeta.get("annotations"):
             pod["metadata"]["annotations"] = dict(tmeta["annotations"])
@@ -595,12 +615,37 @@ class Controller:
         created = self.store.create(PODS, pod)
         uid = created["metadata"]["uid"]
         self.sims[uid] = PodSim()
-        self.record_event(created, "Normal", "Scheduled",
-                          f"Successfully assigned {created['metadata']['namespace']}/{created['metadata']['name']} to {NODE_NAME}",
-                          component="default-scheduler")
         ns, name = created["metadata"]["namespace"], created["metadata"]["name"]
-        self.after(self.timing.start_delay, lambda: self.start_containers(ns, name, uid))
+        if self.schedule_block is not None and labels_match(self.schedule_block, created["metadata"].get("labels")):
+            return self.unschedulable(ns, name)
+        self._scheduled(created)
         return created
+
+    def _scheduled(self, pod: dict) -> None:
+        ns, name, uid = pod["metadata"]["namespace"], pod["metadata"]["name"], pod["metadata"]["uid"]
+        self.record_event(pod, "Normal", "Scheduled", f"Successfully assigned {ns}/{name} to {NODE_NAME}",
+                          component="default-scheduler")
+        self.after(self.timing.start_delay, lambda: self.start_containers(ns, name, uid))
+
+    def set_schedulable(self, enabled: bool, selector: list | None = None) -> None:
+        """Block scheduling of new pods (matching ``selector``; all if empty), or lift every block: pods left
+        Unschedulable are then scheduled, like capacity added to the cluster."""
+        if not enabled:
+            self.schedule_block = list(selector or [])
+            return
+        self.schedule_block = None
+        for pod in self.store.list(PODS):
+            sim = self.sims.get(pod["metadata"]["uid"])
+            if sim is None or sim.fault != "unschedulable" or pod["metadata"].get("deletionTimestamp"):
+                continue
+            sim.fault = None
+            sim.cpu_m = 250
+
+            def apply(o: dict) -> None:
+                o["spec"]["nodeName"] = NODE_NAME
+                o["status"] = _pending_status(o["spec"])
+
+            self._scheduled(self.store.mutate(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"], apply))
 
     def _sim(self, pod: dict) -> PodSim:
         return self.sims.setdefault(pod["metadata"]["uid"], PodSim())

@@ -680,7 +680,25 @@ class KubeApp:
         text = "".join(f"{ts} {line}\n" if stamps else f"{line}\n" for ts, line in lines)
         if query.get("limitBytes"):
             text = text[: int(query["limitBytes"])]
+        if truthy(query.get("follow")) and not previous and sim is not None:
+            return StreamingResponse(self._follow(pod, container, text, stamps), media_type="text/plain")
         return PlainTextResponse(text, media_type="text/plain")
+
+    async def _follow(self, pod: dict, container: str, text: str, stamps: bool):
+        """``logs -f``: what is there, then new lines as they are appended, until the pod's container stops."""
+        yield text.encode()
+        uid = pod["metadata"]["uid"]
+        sim = self.ctl.sims[uid]
+        lines = sim.logs.setdefault(container, [])
+        sent = len(lines)
+        while not self.state.stopping.is_set():
+            current = self.store.get(R.PODS, pod["metadata"]["namespace"], pod["metadata"]["name"])
+            if current is None or current["metadata"]["uid"] != uid or sim.logs.get(container) is not lines:
+                return
+            if len(lines) > sent:
+                chunk, sent = lines[sent:], len(lines)
+                yield "".join(f"{ts} {line}\n" if stamps else f"{line}\n" for ts, line in chunk).encode()
+            await asyncio.sleep(0.05)  # poll
 
     def _evict(self, route: Route, body: Any, query: dict) -> Response:
         with self.ctl.mutex, self.store.lock:

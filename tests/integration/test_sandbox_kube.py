@@ -304,3 +304,60 @@ def test_requests_are_recorded_with_verb_group_and_subresource(cluster, core, ap
         ("patch", "apps", "deployments", "scale", NS, "worker"),
         ("delete", "", "pods", None, NS, victim),
     ]
+
+
+# --- objects created through the API, scheduling, follow ---
+
+
+def test_created_deployment_gets_pods_and_its_deletion_cascades(cluster, apps):
+    body = k8s.V1Deployment(
+        metadata=k8s.V1ObjectMeta(name="extra", labels={"app": "extra"}),
+        spec=k8s.V1DeploymentSpec(
+            replicas=2,
+            selector=k8s.V1LabelSelector(match_labels={"app": "extra"}),
+            template=k8s.V1PodTemplateSpec(
+                metadata=k8s.V1ObjectMeta(labels={"app": "extra"}),
+                spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="extra", image="busybox:1.36")]),
+            ),
+        ),
+    )
+    created = apps.create_namespaced_deployment(NS, body)
+    assert created.metadata.generation == 1 and created.spec.strategy.type == "RollingUpdate"
+    with pytest.raises(ApiException) as err:
+        apps.create_namespaced_deployment(NS, body)
+    assert err.value.status == 409 and json.loads(err.value.body)["reason"] == "AlreadyExists"
+    cluster.wait_until(lambda: len([p for p in cluster.pods(selector="app=extra") if is_ready(p)]) == 2)
+    (rs,) = [r for r in cluster.replicasets() if r["metadata"]["labels"].get("app") == "extra"]
+    pod = cluster.pods(selector="app=extra")[0]
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == rs["metadata"]["uid"]
+    assert rs["metadata"]["ownerReferences"][0]["uid"] == created.metadata.uid
+    apps.delete_namespaced_deployment("extra", NS)
+    cluster.wait_until(lambda: not cluster.pods(selector="app=extra"))
+    assert not [r for r in cluster.replicasets() if r["metadata"]["labels"].get("app") == "extra"]
+    assert len(ready_workers(cluster)) == 3
+
+
+def test_blocked_scheduling_keeps_the_replacement_pending_until_lifted(cluster, core):
+    cluster.set_schedulable(False, selector="app=worker")
+    victim = worker_names(cluster)[0]
+    core.delete_namespaced_pod(victim, NS)
+    cluster.wait_until(lambda: victim not in worker_names(cluster) and len(worker_names(cluster)) == 3)
+    (pending,) = [p for p in cluster.pods(selector="app=worker") if p["status"]["phase"] == "Pending"]
+    assert pending["status"]["conditions"][0]["reason"] == "Unschedulable"
+    reasons = {e["reason"] for e in cluster.events(involved=pending["metadata"]["name"])}
+    assert "FailedScheduling" in reasons and "Scheduled" not in reasons
+    cluster.set_schedulable(True)
+    cluster.wait_until(lambda: len(ready_workers(cluster)) == 3)
+    assert pending["metadata"]["name"] in ready_workers(cluster)
+
+
+def test_logs_follow_streams_appended_lines(cluster):
+    victim = worker_names(cluster)[0]
+    with httpx.Client(base_url=cluster.url, timeout=10) as http, http.stream(
+        "GET", f"/api/v1/namespaces/{NS}/pods/{victim}/log", params={"follow": "true"}
+    ) as response:
+        assert response.headers["content-type"].startswith("text/plain")
+        lines = response.iter_lines()
+        assert next(lines).startswith("worker started")
+        cluster.append_log(victim, "claimed 50 steps")
+        assert next(lines) == "claimed 50 steps"
