@@ -20,8 +20,6 @@ import contextlib
 import hmac
 import json
 import logging
-import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -355,33 +353,31 @@ class BackgroundBridge:
     """
 
     def __init__(self, app: Starlette, *, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 10) -> None:
-        import uvicorn
-
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self.host, self.port = self._sock.getsockname()[:2]
-        self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, name="fd-bridge", daemon=True
-        )
-        self._start_timeout_s = start_timeout_s
+        self._app, self.host, self._port, self._start_timeout_s = app, host, port, start_timeout_s
+        self._served = None
 
     def start(self) -> BackgroundBridge:
-        self._thread.start()
-        deadline = time.monotonic() + self._start_timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise BridgeError("the bridge did not start")
-            time.sleep(0.01)  # poll
+        from sandbox.http_server import ServeError, serve_app
+
+        try:
+            self._served = serve_app(
+                self._app, host=self.host, port=self._port, name="bridge", timeout_s=self._start_timeout_s, lifespan="on"
+            )
+        except ServeError as e:
+            raise BridgeError("the bridge did not start") from e
         return self
 
+    @property
+    def port(self) -> int:
+        return self._served.port if self._served else self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._sock.close()
+        if self._served is not None:
+            self._served.stop(timeout_s=10)
 
     def __enter__(self) -> BackgroundBridge:
         return self.start()

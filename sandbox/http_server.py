@@ -33,14 +33,16 @@ class ServedApp:
         self.thread.join(timeout_s)
 
 
-def serve_app(app, *, host: str = "127.0.0.1", port: int = 0, name: str = "app", timeout_s: float = 10.0) -> ServedApp:
+def serve_app(
+    app, *, host: str = "127.0.0.1", port: int = 0, name: str = "app", timeout_s: float = 10.0, lifespan: str = "off"
+) -> ServedApp:
     """Start ``app`` on ``host:port`` (0 = a free port) and return once it accepts connections."""
     # proto IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only then (else ~40 ms Nagle stalls per request)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan=lifespan, timeout_keep_alive=30)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"sandbox-{name}", daemon=True)
     thread.start()
