@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from sandbox.drills import SHORT, SCENARIOS, run_drills, table
+    from sandbox.drills import SCENARIOS, SHORT, run_drills, table
     from sandbox.stack import DRILL_PARAMETERS, DRILL_SETTINGS, Stack
 
     names = args.scenarios or (SHORT if args.short else list(SCENARIOS))
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"stack ready in {stack.timings['ready_s']:.1f} s — Prefect UI {stack.ui_url}; "
             f"load {args.load:g} steps/s on {info['sandbox']['stream']}; "
             f"workers {', '.join(info['sandbox']['workers'])}")
+        say(f"start-up timings (s since start): {stack.timings}")
         say(f"drill profile: settings {DRILL_SETTINGS}; deployment parameters {DRILL_PARAMETERS}\n")
         results = run_drills(stack, names, say=say, options={"backlog": {"n": args.backlog}})
         failed = [r for r in results if not r.ok]

@@ -181,6 +181,20 @@ def describe_run(run: dict[str, Any]) -> str:
     return f"{run.get('name')} ({(run.get('state') or {}).get('name', '?')})"
 
 
+def _ts(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def run_timeline(run: dict[str, Any], fired: datetime) -> dict[str, float | None]:
+    """Seconds from the alert POST to the flow run's creation (event -> trigger), its start (runner pickup +
+    subprocess) and its end."""
+    def after(key: str) -> float | None:
+        t = _ts(run.get(key))
+        return round((t - fired).total_seconds(), 2) if t else None
+
+    return {"created": after("created"), "started": after("start_time"), "ended": after("end_time")}
+
+
 def run_end(run: dict[str, Any]) -> datetime:
     end = run.get("end_time")
     return datetime.fromisoformat(end.replace("Z", "+00:00")) if end else _now()
@@ -247,11 +261,15 @@ def account(stack: Any, ids: Iterable[str]) -> Accounting:
 
 
 def settle(stack: Any, ids: set[str], *, timeout_s: float) -> Accounting:
-    """Account ``ids`` once nothing of them is queued or in flight any more (or at the deadline)."""
+    """Account ``ids`` once nothing of them is queued, in flight or unaccounted any more (or at the deadline).
+
+    A step counted lost is looked at again until the deadline: the load generator writes a step's row a few
+    milliseconds before its stream entry, so a step created right at the end is briefly "nowhere".
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         acc = account(stack, ids)
-        if (acc.queued == 0 and acc.in_flight == 0) or time.monotonic() > deadline:
+        if (acc.queued == 0 and acc.in_flight == 0 and acc.lost == 0) or time.monotonic() > deadline:
             return acc
         time.sleep(0.5)  # poll
 
@@ -303,6 +321,7 @@ class Drill:
                       while_waiting: Callable[[], None] | None = None) -> dict[str, Any]:
         """Post the alert to the bridge, wait for the triggered flow run of ``deployment`` to finish."""
         known = self.runs.ids(deployment)
+        fired = _now()
         answer = post_alert(self.stack, alertname, labels=labels)
         if answer.get("events") != 1:
             raise DrillError(f"the bridge did not forward {alertname}: {answer}")
@@ -310,6 +329,7 @@ class Drill:
         run_id = self.runs.wait_new(deployment, known=known, timeout_s=30)
         run = self.runs.wait_final(run_id, timeout_s=timeout_s, while_waiting=while_waiting)
         self.result.flow_runs.append(describe_run(run))
+        self.result.checks.setdefault("flow_timeline_s", []).append(run_timeline(run, fired))
         self.say(f"    +{self.since():5.1f}s flow run {describe_run(run)} of {deployment}")
         if run["state"]["type"] != "COMPLETED":
             self.result.problems.append(f"{deployment} run {run.get('name')} ended {run['state'].get('name')}")
@@ -492,14 +512,29 @@ def scenario_llm_outage(d: Drill) -> None:
 
 def scenario_mcp_outage(d: Drill) -> None:
     url = d.stack.flow_settings.mcp_url
+    steps = tables(d.stack.flow_settings).steps
+    engine = db_engine(d.stack.flow_settings)
+
+    def tool_steps(ids: list[str], status: str) -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(steps).where(
+                steps.c.id.in_(ids), steps.c.kind == "tool", steps.c.status == status)).scalar_one())
+
     d.fault()
     d.services.mcp_outage()
+    during = [s.step_id for s in d.services.backlog(20, tool_every=2)]  # the symptom: tool steps fail
     d.say(f"    +{d.since():5.1f}s fault: MCP server unhealthy ({url} fails, tool steps fail)")
+    wait_for(lambda: tool_steps(during, "failed") >= 1, timeout_s=30, what="tool steps failing")
     d.fire_and_wait("MCPServerDown", "mcp-server-recovery", labels={"deployment": "mcp-server"})
     healthy = httpx.get(url, timeout=5).status_code == 200
     d.result.checks["mcp_healthy_s"] = d.since() if healthy else None
+    d.result.checks["tool_steps_failed_during_outage"] = tool_steps(during, "failed")
     if not healthy:
         d.result.problems.append("MCP /health still failing after the recovery")
+    after = [s.step_id for s in d.services.backlog(10, payload={"kind": "tool"})]
+    wait_for(lambda: tool_steps(after, "completed") == len(after), timeout_s=30,
+             what="tool steps succeeding after the restart")
+    d.result.checks["tool_steps_ok_after_restart"] = len(after)
     d.recover_orphans()
     d.finish(d.post_check())
 
@@ -570,6 +605,10 @@ def run_drills(stack: Any, names: list[str], *, say: Callable[[str], None] = pri
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise ValueError(f"unknown scenarios {unknown}; choose from {sorted(SCENARIOS)}")
+    started = time.monotonic()
+    ok, evidence = post_recovery_check_once(stack)  # warms the in-process flow engine; the baseline
+    say(f"baseline post-recovery-check: {'passes' if ok else 'FAILING: ' + evidence} "
+        f"({time.monotonic() - started:.1f} s)")
     return [run_drill(stack, n, say=say, **(options or {}).get(n, {})) for n in names]
 
 

@@ -15,6 +15,7 @@ so the drills finish in seconds; it is printed and documented, never hidden.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from tasks.settings import Settings
 log = logging.getLogger("sandbox.stack")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MARKER = ".fd-stack"
 
 #: Settings the flows run with in the demo/drills (on top of the sandbox's), and why.
 DRILL_SETTINGS: dict[str, Any] = {
@@ -140,10 +142,8 @@ class ChildProcess:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)  # leftovers of the group (flow-run subprocesses)
-        except (ProcessLookupError, PermissionError):
-            pass
         self._log.close()
 
 
@@ -182,9 +182,12 @@ class Stack:
     ) -> Stack:
         """Start every part; on any failure everything already started is stopped before raising."""
         state = Path(state_dir).resolve()
-        if state.exists():
+        if state.exists() and any(state.iterdir()):
+            if not (state / MARKER).exists():
+                raise StackError(f"{state} is not empty and not a stack's state directory: refusing to wipe it")
             shutil.rmtree(state)
         (state / "prefect").mkdir(parents=True)
+        (state / MARKER).write_text("state of a ferrumdeck-recovery demo stack; recreated on every start\n")
         self = cls(state_dir=state)
         try:
             self._start(load_rate_per_s=load_rate_per_s, step_ms=step_ms, batch=batch,
