@@ -104,17 +104,24 @@ def test_list_with_label_and_field_selectors(cluster, core):
 
 
 def test_delete_pod_terminates_then_replacement_becomes_ready(cluster, core):
+    cluster.set_timing(grace=30.0)  # keep the old pod Terminating while we look
     victim = worker_names(cluster)[0]
     seen: list[tuple[str, str, bool]] = []
     cluster.add_listener(lambda kind, pod: seen.append((kind, pod["metadata"]["name"], is_ready(pod))))
     deleted = core.delete_namespaced_pod(victim, NS)
-    assert deleted.metadata.deletion_timestamp is not None
-    cluster.wait_until(lambda: victim not in worker_names(cluster) and len(ready_workers(cluster)) == 3)
-    replacement = set(worker_names(cluster)) - set(worker_names(cluster)[:0]) - {victim}
-    assert len(replacement) == 3
+    assert deleted.metadata.deletion_timestamp is not None and deleted.metadata.deletion_grace_period_seconds == 30
+    cluster.wait_until(lambda: len(ready_workers(cluster)) == 3)  # the replacement is up while the old one terminates
+    with httpx.Client(base_url=cluster.url, timeout=5) as http:
+        row = http.get(f"/api/v1/namespaces/{NS}/pods/{victim}",
+                       headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}).json()["rows"][0]
+    assert row["cells"][2] == "Terminating"
+    assert len(worker_names(cluster)) == 4 and victim not in ready_workers(cluster)
+    core.delete_namespaced_pod(victim, NS, grace_period_seconds=0)  # --force: gone at once
+    assert victim not in worker_names(cluster)
     cluster.wait_until(lambda: ("DELETED", victim, False) in seen)
     added = [name for kind, name, _ in seen if kind == "ADDED"]
     assert len(added) == 1 and added[0] in ready_workers(cluster)
+    assert deleted.metadata.uid != core.read_namespaced_pod(added[0], NS).metadata.uid
 
 
 def test_watch_resume_from_resource_version_has_no_duplicates(cluster, core):

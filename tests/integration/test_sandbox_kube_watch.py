@@ -167,8 +167,8 @@ def test_unschedulable_pod_is_pending_with_failed_scheduling_event(cluster, core
     with pytest.raises(ApiException) as err:
         core.read_namespaced_pod_log(victim, NS)
     assert err.value.status == 400
-    assert cluster.deployment("worker")["status"]["readyReplicas"] == 2 or cluster.wait_until(
-        lambda: cluster.deployment("worker")["status"].get("readyReplicas") == 2)
+    cluster.wait_until(lambda: cluster.deployment("worker")["status"].get("readyReplicas") == 2)
+    assert cluster.deployment("worker")["status"]["unavailableReplicas"] == 1
 
 
 def test_listeners_hear_every_pod_change_in_order(cluster, core):
