@@ -24,6 +24,7 @@ from tasks.events import emit_recovery_event
 from tasks.guard import check, may_remove_worker
 from tasks.recovery import (
     WorkersView,
+    dead_letter_entries,
     guard_pod_deletion,
     observe_workers,
     read_consumer_entries,
@@ -112,12 +113,14 @@ def worker_crash_recovery(
     plans: list[tuple[CrashTarget, list, list]] = []
     for t in decision.targets:
         entries = read_consumer_entries(settings=settings, consumer=t.consumer) if t.pending else []
-        poison = poison_entries(entries, consumer=t.consumer, min_deliveries=poison_n) if t.cause != "pod-gone" else []
-        cause = root_cause(cause=t.cause, state=view.pods.get(t.pod), poison=poison)
+        state = view.pods.get(t.pod)
+        poison = poison_entries(entries, consumer=t.consumer, min_deliveries=poison_n,
+                                log_lines=state.log_tail if state else ()) if t.cause != "pod-gone" else []
+        cause = root_cause(cause=t.cause, state=state, poison=poison)
         plans.append((t, entries, poison))
         result.targets.append(TargetOutcome(pod=t.pod, consumer=t.consumer, cause=t.cause, root_cause=cause))
         report.add("Decided", f"- `{t.pod}` ({t.cause}): recover its {len(entries)} pending entries now"
-                   + (f", dead-letter {len(poison)} poison suspect(s)" if poison else "")
+                   + (f", dead-letter the poison suspect {', '.join(e.entry_id for e in poison)}" if poison else "")
                    + (", replace the pod" if t.replace_pod and replace_pod else "")
                    + f". Likely root cause: {cause}")
 
@@ -126,36 +129,44 @@ def worker_crash_recovery(
         settings.consumer_for_pod(name) for name, p in view.pods.items()
         if p.ready and not p.terminating and name not in {t.pod for t in decision.targets}
     )
-    for (t, entries, _poison), out in zip(plans, result.targets, strict=True):
+    for (t, entries, poison), out in zip(plans, result.targets, strict=True):
         verdict = check(action="recover-crashed-worker", target=t.pod, dry_run=dry_run, settings=settings)
         if verdict.refused and not verdict.dry_run:
             out.refused = verdict.reason
             report.add("Done", f"- `{t.pod}`: {verdict.reason}")
             continue
         acting = verdict.allowed
-        limit = poison_n if t.cause != "pod-gone" else max_deliveries
-        recovery = queue.recover_consumers_task(
-            settings=settings, consumers=[t.consumer], max_deliveries=min(limit, max_deliveries), dry_run=not acting
-        )
-        if recovery.refused:
-            out.refused = recovery.refused
-            report.add("Done", f"- `{t.pod}`: {recovery.refused}")
-            continue
-        counts = recovery.done if acting else recovery.decided
-        out.requeued = counts.get("requeued" if acting else "requeue", 0)
-        n_dead = counts.get("dead_lettered" if acting else "dead_letter", 0)
-        out.dead_lettered = [
-            s["entry_id"] for s in recovery.samples
-            if s.get("status") == "dead_lettered" or (not acting and s.get("decision") == "dead_letter")
-        ]
+        poison_ids = [e.entry_id for e in poison]
+        if not acting:  # dry run: what the two steps below would do, from the entries just read
+            over = [e.entry_id for e in entries if e.entry_id not in poison_ids and e.deliveries >= max_deliveries]
+            out.dead_lettered = poison_ids + over
+            out.requeued = len(entries) - len(out.dead_lettered)
+        else:
+            if poison_ids:
+                dead = dead_letter_entries(settings=settings, consumer=t.consumer, entry_ids=poison_ids,
+                                           reason=f"poison: crashed {t.pod} ({t.cause})", dry_run=False)
+                if dead.refused:
+                    out.refused = dead.refused
+                    report.add("Done", f"- `{t.pod}`: {dead.refused}")
+                    continue
+                out.dead_lettered = dead.dead_lettered
+            recovery = queue.recover_consumers_task(settings=settings, consumers=[t.consumer],
+                                                    max_deliveries=max_deliveries, dry_run=False)
+            if recovery.refused:
+                out.refused = recovery.refused
+                report.add("Done", f"- `{t.pod}`: {recovery.refused}")
+                continue
+            out.requeued = recovery.done.get("requeued", 0)
+            out.dead_lettered += [s["entry_id"] for s in recovery.samples if s.get("status") == "dead_lettered"]
         verb = "" if acting else "would be "
-        report.add("Done", f"- `{t.pod}`: {out.requeued} entries {verb}requeued at once, {n_dead} {verb}dead-lettered"
+        report.add("Done", f"- `{t.pod}`: {out.requeued} entries {verb}requeued at once, "
+                   f"{len(out.dead_lettered)} {verb}dead-lettered"
                    + (f" ({', '.join(out.dead_lettered[:5])})" if out.dead_lettered else ""))
         if acting:
             emit_recovery_event(action="entries-recovered", resource_id=f"pod.{t.pod}",
                                 payload={"consumer": t.consumer, "requeued": out.requeued,
                                          "dead_lettered": out.dead_lettered})
-            for entry_id in out.dead_lettered:
+            for entry_id in (i for i in out.dead_lettered if i in poison_ids):
                 emit_recovery_event(action="poison-dead-lettered", resource_id=f"entry.{entry_id}",
                                     payload={"pod": t.pod, "cause": out.root_cause})
 

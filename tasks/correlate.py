@@ -171,17 +171,39 @@ def decide_crash(*, links: Sequence[WorkerLink], pod: str | None, consumer_for_p
     return decision
 
 
-def poison_entries(entries: Iterable[PendingEntry], *, consumer: str, min_deliveries: int = 2) -> list[PendingEntry]:
-    """Entries the crashed consumer holds that were delivered ``min_deliveries`` times or more: the suspects."""
-    return [e for e in entries if e.consumer == consumer and e.deliveries >= min_deliveries]
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms), int(seq or 0)) if ms.isdigit() and (seq or "0").isdigit() else (0, 0)
+
+
+def poison_entries(
+    entries: Iterable[PendingEntry], *, consumer: str, min_deliveries: int = 2, log_lines: Sequence[str] = ()
+) -> list[PendingEntry]:
+    """The poison among a crashed consumer's entries: delivered ``min_deliveries`` times or more, and the one
+    that killed it.
+
+    Delivery counts alone cannot tell the poison from its batch-mates (a worker takes entries in batches, and
+    the batch that crashed one worker crashes the next together), so among the suspects: those the crash log
+    names (entry id or step id), else the oldest one — the entry a worker working in id order was on when it
+    died. The other suspects are requeued; the usual ``max_deliveries`` still dead-letters a repeat offender.
+    """
+    suspects = sorted((e for e in entries if e.consumer == consumer and e.deliveries >= min_deliveries),
+                      key=lambda e: _id_key(e.entry_id))
+    if not suspects:
+        return []
+    text = "\n".join(log_lines)
+    named = [e for e in suspects if e.entry_id in text or (e.step_id and e.step_id in text)]
+    return named or suspects[:1]
 
 
 def root_cause(*, cause: str, state: PodState | None, poison: Sequence[PendingEntry]) -> str:
     """One line an SRE can act on: OOM vs error exit vs poison entry vs pod gone, with the evidence."""
     parts: list[str] = []
     if poison:
-        ids = ", ".join(e.entry_id for e in poison[:5])
-        parts.append(f"poison entry suspected ({ids}; delivered >= {min(e.deliveries for e in poison)} times)")
+        ids = ", ".join(e.entry_id + (f" step {e.step_id}" if e.step_id else "") for e in poison[:5])
+        named = state is not None and any(e.entry_id in "\n".join(state.log_tail) for e in poison)
+        parts.append(f"poison entry suspected ({ids}; delivered >= {min(e.deliveries for e in poison)} times"
+                     + ("; named in the crash log" if named else "") + ")")
     if cause == "oom-killed" or (state and state.last_reason == "OOMKilled"):
         parts.append("out of memory (OOMKilled, exit 137): raise the memory limit or find the oversized step")
     elif cause == "pod-gone":

@@ -149,6 +149,45 @@ def read_consumer_entries(*, settings: Settings, consumer: str, limit: int = 10_
     return out
 
 
+class DeadLettered(BaseModel):
+    dry_run: bool
+    refused: str | None = None
+    dead_lettered: list[str] = Field(default_factory=list)
+    skipped: dict[str, str] = Field(default_factory=dict)
+
+
+@task(name="dead-letter-entries", task_run_name="dead-letter {entry_ids}", retries=2, retry_delay_seconds=[1, 3],
+      cache_policy=NO_CACHE)
+def dead_letter_entries(
+    *, settings: Settings, consumer: str, entry_ids: Sequence[str], reason: str, dry_run: bool
+) -> DeadLettered:
+    """Dead-letter these pending entries of a dead consumer (the poison), through the queue's atomic Lua step
+    that re-checks each is still owned by that consumer (a late ACK or a claim makes it a no-op)."""
+    from tasks.guard import refuse_if_paused
+
+    result = DeadLettered(dry_run=dry_run)
+    verdict = refuse_if_paused(dry_run=dry_run, settings=settings)
+    if verdict.refused and not verdict.dry_run:
+        result.refused = verdict.reason
+        return result
+    wanted = set(entry_ids)
+    found = [e for page in queue.iter_pending(settings=settings, consumer=consumer) for e in page
+             if e.entry_id in wanted]
+    result.skipped = {i: "no longer pending" for i in wanted - {e.entry_id for e in found}}
+    if dry_run:
+        result.dead_lettered = [e.entry_id for e in found]
+        return result
+    policy = queue.SweepPolicy(min_idle_ms=0, dead_consumers=[consumer])
+    outcomes = queue.apply_decisions(settings=settings, policy=policy,
+                                     decided=[(e, queue.Decision("dead_letter", reason)) for e in found])
+    for entry, _decision, status, _new_id in outcomes:
+        if status == "dead_lettered":
+            result.dead_lettered.append(entry.entry_id)
+        else:
+            result.skipped[entry.entry_id] = status
+    return result
+
+
 # ------------------------------------------------------------------------------------ pod deletions
 
 

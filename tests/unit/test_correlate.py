@@ -99,12 +99,23 @@ def test_terminating_crashed_pod_is_not_deleted_again():
 def test_poison_is_the_crashed_consumers_entry_delivered_twice_or_more():
     entries = [
         PendingEntry(entry_id="1-0", consumer="w-crash", deliveries=1),
-        PendingEntry(entry_id="2-0", consumer="w-crash", deliveries=2),
         PendingEntry(entry_id="3-0", consumer="w-crash", deliveries=5),
+        PendingEntry(entry_id="2-0", consumer="w-crash", deliveries=2),
         PendingEntry(entry_id="4-0", consumer="w-ok", deliveries=9),
     ]
-    assert [e.entry_id for e in poison_entries(entries, consumer="w-crash")] == ["2-0", "3-0"]
+    # several suspects, no log evidence: the oldest, the one a worker working in id order died on
+    assert [e.entry_id for e in poison_entries(entries, consumer="w-crash")] == ["2-0"]
     assert [e.entry_id for e in poison_entries(entries, consumer="w-crash", min_deliveries=3)] == ["3-0"]
+    assert poison_entries(entries, consumer="w-crash", min_deliveries=6) == []
+    assert poison_entries(entries, consumer="w-none") == []
+
+
+def test_poison_named_in_the_crash_log_wins_over_its_batch_mates():
+    batch = [PendingEntry(entry_id=f"10-{i}", consumer="w", deliveries=2, step_id=f"step_{i}") for i in range(5)]
+    log = ["Traceback (most recent call last): poison step step_3 (entry 10-3)", "WorkerCrashed"]
+    assert [e.entry_id for e in poison_entries(batch, consumer="w", log_lines=log)] == ["10-3"]
+    by_step = poison_entries(batch, consumer="w", log_lines=["KeyError while handling step_4"])
+    assert [e.entry_id for e in by_step] == ["10-4"]
 
 
 def test_root_cause_names_oom_error_exit_poison_and_gone():
@@ -112,7 +123,7 @@ def test_root_cause_names_oom_error_exit_poison_and_gone():
     assert "OOMKilled" in root_cause(cause="oom-killed", state=oom, poison=[])
     err = PodState(name="w", classification="crash-looping", last_exit_code=1, log_tail=["x", "ValueError: bad", ""])
     text = root_cause(cause="crash-looping", state=err, poison=[PendingEntry(entry_id="9-0", consumer="w", deliveries=3)])
-    assert "poison entry suspected (9-0" in text and "code 1" in text and "ValueError: bad" in text
+    assert "poison entry suspected (9-0" in text and "named in the crash log" not in text and "code 1" in text and "ValueError: bad" in text
     assert "gone" in root_cause(cause="pod-gone", state=None, poison=[])
 
 
