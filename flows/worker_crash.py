@@ -2,10 +2,11 @@
 
 Observe every worker pod (status, events, previous logs, CPU) joined with its Redis consumer (a pod's name is
 its consumer name). Decide which workers crashed: crash-looping / OOM-killed / failed pods, and consumers whose
-pod is gone. For each: dead-letter the poison suspect (an entry in its pending list delivered >= 2 times),
-requeue the rest AT ONCE (no 5-minute wait: the owner is known dead), replace the pod (guarded: kill switch,
-per-pod cooldown, pod-deletion budget), remove the consumer once empty, settle its runs through the stuck-runs
-policy with the live consumers known, verify a worker is Ready and consuming, and report the likely cause.
+pod is gone. For each: dead-letter the poison (an entry in its pending list delivered >= 2 times — the one its
+crash log names, else the oldest), requeue the rest AT ONCE (no 5-minute wait: the owner is known dead),
+replace the pod (guarded: kill switch, per-pod cooldown, pod-deletion budget), remove the consumer once empty,
+settle its runs through the stuck-runs policy with the live consumers known, verify a worker is Ready and
+consuming, and report the likely cause.
 A healthy, Ready worker is never a target: its entries are never taken.
 """
 
