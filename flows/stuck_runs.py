@@ -203,6 +203,16 @@ def stuck_runs_sweep(
                     else ""
                 ),
             )
+            reasons = {d.run_id: d.reason for d in decisions}
+            report.table(
+                "Done",
+                [{"run": i, "done": "failed (WORKER_TIMEOUT)", "reason": reasons[i]} for i in failed.changed]
+                + [
+                    {"run": i, "done": "left: no longer running", "reason": reasons[i]}
+                    for i in failed.unchanged
+                ],
+                caption="Runs failed",
+            )
         if to_retry:
             try:
                 batch = retry_steps_task(settings=settings, targets=to_retry)

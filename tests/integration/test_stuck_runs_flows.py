@@ -125,6 +125,7 @@ def test_auto_sweep_takes_each_branch_with_the_queue_in_that_state(world, redis)
     for rid, decision in EXPECTED_AUTO.items():
         assert f"| {rid} | {decision} |" in report, rid
     assert "live owner w-live" in report and "dead or idle owner w-dead" in report
+    assert "| run_dlq | failed (WORKER_TIMEOUT) | step dead-lettered" in report
     assert (
         "failed 3 run(s) with WORKER_TIMEOUT" in report
         and "1/1 retried step(s) are back in the queue" in report
