@@ -229,7 +229,7 @@ class SandboxCluster:
 
     def pods(self, namespace: str = NAMESPACE, selector: str | None = None) -> list[dict]:
         """Current pod objects (copies), optionally filtered by a label selector."""
-        predicate = make_filter(selector, None, allowed=set(), kind="Pod")
+        predicate = make_filter(selector, None, allowed=set())
         return [copy.deepcopy(p) for p in self.store.list(R.PODS, namespace) if predicate(p)]
 
     def pod(self, name: str, namespace: str = NAMESPACE) -> dict | None:

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sandbox.kube.resources import DEPLOYMENTS, EVENTS, PDBS, PODS, REPLICASETS, Resource
@@ -881,7 +881,3 @@ class Controller:
             "reportingInstance": NODE_NAME if component == "kubelet" else "",
         }
         return self.store.create(EVENTS, event)
-
-
-def with_timing(timing: Timing, **changes: float) -> Timing:
-    return replace(timing, **changes)

@@ -117,7 +117,7 @@ class FieldRequirement:
     value: str
 
 
-def parse_field_selector(text: str | None, *, allowed: set[str], kind: str) -> list[FieldRequirement]:
+def parse_field_selector(text: str | None, *, allowed: set[str]) -> list[FieldRequirement]:
     """Parse ``metadata.name=x,status.phase!=Running``; fields outside ``allowed`` are a 400, as upstream."""
     if not text:
         return []
@@ -162,10 +162,10 @@ def fields_match(reqs: list[FieldRequirement], obj: dict) -> bool:
     return True
 
 
-def make_filter(label_text: str | None, field_text: str | None, *, allowed: set[str], kind: str) -> Callable[[dict], bool]:
+def make_filter(label_text: str | None, field_text: str | None, *, allowed: set[str]) -> Callable[[dict], bool]:
     """One predicate for a watch or list: both selectors must match."""
     labels = parse_label_selector(label_text)
-    fields = parse_field_selector(field_text, allowed=allowed, kind=kind)
+    fields = parse_field_selector(field_text, allowed=allowed)
 
     def predicate(obj: dict) -> bool:
         return labels_match(labels, obj.get("metadata", {}).get("labels")) and fields_match(fields, obj)

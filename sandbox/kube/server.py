@@ -20,7 +20,13 @@ from sandbox.kube import resources as R
 from sandbox.kube.controllers import Controller, is_pod_ready
 from sandbox.kube.patch import APPLY, PatchError, apply_patch
 from sandbox.kube.resources import Resource
-from sandbox.kube.selectors import SelectorError, make_filter, selector_string
+from sandbox.kube.selectors import (
+    SelectorError,
+    labels_match,
+    make_filter,
+    selector_from_match_labels,
+    selector_string,
+)
 from sandbox.kube.store import Store, StoreError, WatchEvent, not_found, now_iso
 from sandbox.kube.tables import table
 
@@ -264,8 +270,6 @@ class KubeApp:
             return self._non_resource(path)
         res = route.resource
         if res is None:
-            if route.name is None and route.namespace is None and path.count("/") <= 3:
-                pass
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if res.namespaced is False and route.namespace is not None:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -344,7 +348,7 @@ class KubeApp:
         return "as=table" in request.headers.get("accept", "").replace(" ", "").lower()
 
     def _filter(self, res: Resource, query: dict):
-        return make_filter(query.get("labelSelector"), query.get("fieldSelector"), allowed=set(res.fields), kind=res.kind)
+        return make_filter(query.get("labelSelector"), query.get("fieldSelector"), allowed=set(res.fields))
 
     def _get(self, request: Request, res: Resource, namespace: str | None, name: str, query: dict) -> Response:
         obj = self._require(res, namespace, name)
@@ -707,9 +711,8 @@ class KubeApp:
                 raise ApiError(400, "BadRequest", "name in URL does not match name in Eviction object")
             if not pod["metadata"].get("deletionTimestamp"):
                 for pdb in self.store.list(R.PDBS, route.namespace):
-                    reqs = make_filter(selector_string((pdb.get("spec") or {}).get("selector")) or None, None,
-                                       allowed=set(), kind="Pod")
-                    if not reqs(pod) or not (pdb.get("spec") or {}).get("selector"):
+                    selector = (pdb.get("spec") or {}).get("selector")
+                    if not selector or not labels_match(selector_from_match_labels(selector), pod["metadata"].get("labels")):
                         continue
                     healthy, desired, _ = self.ctl.pdb_health(pdb)
                     allowed = healthy - desired > 0 if is_pod_ready(pod) else healthy >= desired
@@ -776,8 +779,7 @@ class KubeApp:
                 return JSONResponse(item)
             return JSONResponse({"kind": "NodeMetricsList", "apiVersion": "metrics.k8s.io/v1beta1",
                                  "metadata": {}, "items": [item]})
-        predicate = make_filter(query.get("labelSelector"), query.get("fieldSelector"), allowed=set(R.COMMON_FIELDS),
-                                kind="PodMetrics")
+        predicate = make_filter(query.get("labelSelector"), query.get("fieldSelector"), allowed=set(R.COMMON_FIELDS))
         pods = [
             p for p in self.store.list(R.PODS, route.namespace)
             if (p.get("status") or {}).get("phase") == "Running" and predicate(p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import copy
+import random
 import threading
 import uuid
 from collections import deque
@@ -223,8 +224,6 @@ _SAFE = "bcdfghjklmnpqrstvwxz2456789"
 
 def random_suffix(n: int = 5) -> str:
     """The 5 characters Kubernetes appends to generated names (its 'safe' alphabet)."""
-    import random
-
     return "".join(random.choice(_SAFE) for _ in range(n))
 
 

@@ -96,8 +96,8 @@ def test_label_selectors(selector, labels, expected):
 
 def test_unsupported_field_selector_is_rejected():
     with pytest.raises(SelectorError, match="field label not supported: spec.bogus"):
-        parse_field_selector("spec.bogus=1", allowed={"metadata.name"}, kind="Pod")
-    reqs = parse_field_selector("metadata.name!=a", allowed={"metadata.name"}, kind="Pod")
+        parse_field_selector("spec.bogus=1", allowed={"metadata.name"})
+    reqs = parse_field_selector("metadata.name!=a", allowed={"metadata.name"})
     assert (reqs[0].op, reqs[0].value) == ("!=", "a")
 
 

@@ -124,7 +124,8 @@ def test_reset_ends_open_watches_and_expires_old_versions(cluster, core):
 
     def follow() -> None:
         try:
-            for event in k8s_watch.Watch().stream(core.list_namespaced_pod, NS, resource_version=old_rv, timeout_seconds=30):
+            # without timeout_seconds the client reconnects when the server closes the stream
+            for event in k8s_watch.Watch().stream(core.list_namespaced_pod, NS, resource_version=old_rv):
                 outcome.append(event["type"])
         except ApiException as e:
             outcome.append(e.status)
