@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             dry_run=False,
         )
         project_s = time.perf_counter() - started
-        out["project_rss_growth_mb"] = round(peak_rss_mb() - rss_before, 1)
+        out["project_rss_growth_mb"] = round(max(0.0, peak_rss_mb() - rss_before), 1)
         check(client, settings, entries=args.entries, poison=poison)
         out["project_done"] = result.done
 
