@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.variables import Variable
 
 from flows.worker_crash import worker_crash_recovery
+from tasks.settings import use_settings
 from tests.integration import _recovery_fixtures as fx
 from tests.integration._recovery_fixtures import (
     deletions,
@@ -132,6 +135,27 @@ def test_the_same_alert_three_times_recovers_the_pod_once(env, cluster, redis):
     for r in (second, third):
         assert r.targets == [] or r.targets[0].refused
         assert "cooldown" in r.report or "nothing to recover" in r.report
+
+
+def test_three_concurrent_runs_for_the_same_pod_recover_it_once(env, cluster, redis):
+    s = env
+    a, _b, _crashed, _busy = crash_scene(cluster, redis, s)
+    results: list = []
+
+    def run() -> None:
+        with use_settings(s):
+            results.append(worker_crash_recovery(pod=a, dry_run=False, verify_consuming_s=0))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(results) == 3 and deletions(cluster) == [a]
+    state = queue_state(redis, s)
+    assert len([1 for _, f in state["stream"] if f.get("attempts")]) == 4 and len(state["dlq"]) == 1
+    acted = [r for r in results if r.targets and not r.targets[0].refused]
+    assert len(acted) == 1 and acted[0].targets[0].requeued == 4
 
 
 def test_a_consumer_whose_pod_is_gone_is_recovered_without_a_pod_action(env, cluster, redis):

@@ -33,11 +33,12 @@ def test_hung_worker_is_replaced_its_entries_recovered_consumer_removed_and_lag_
     cluster.hang(a)
     with ReplacementConsumer(cluster, s, known=[a, b, c]) as consumer:
         with Producer(s):  # the queue keeps growing while nobody takes new work
-            result = worker_hang_recovery(dry_run=False, **FAST)
+            result = worker_hang_recovery(dry_run=False, evict=True, **FAST)
         fx.wait_for(lambda: all(f["job_id"] in consumer.acked for f in held), what="requeued entries processed")
 
     assert [v.pod for v in result.decision.hung] == [a] and result.decision.lag_growing
     assert deletions(cluster) == [a]
+    assert [r.subresource for r in cluster.requests if r.name == a and r.method == "POST"] == ["eviction"]
     out = result.outcomes[0]
     assert out.replacement and out.replacement not in (a, b, c) and out.requeued == 4 and out.consumer_deleted
     state = queue_state(redis, s)
