@@ -3,6 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 SHELL  := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
@@ -27,7 +28,7 @@ test: install services lint
 
 demo: install
 	NEED_POSTGRES=0 bash deployments/ensure-services.sh
-	$(PY) -m deployments.demo
+	$(PY) -m deployments.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .fd-demo
