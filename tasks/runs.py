@@ -253,14 +253,20 @@ def _aware(value: datetime) -> datetime:
     return value
 
 
-def stuck_runs_query(*, settings: Settings, cutoff: datetime) -> sa.Select:
-    """The first page's SELECT of ``find_stuck_runs`` (without LIMIT), also used to EXPLAIN it."""
+def stuck_runs_query(
+    *, settings: Settings, cutoff: datetime, after: tuple[datetime, str] | None = None
+) -> sa.Select:
+    """One page's SELECT of ``find_stuck_runs`` (without LIMIT): runs ``running`` since before ``cutoff``,
+    ordered by (started_at, id), starting after the key ``after`` (also used to EXPLAIN it)."""
     r = tables(settings).runs
-    return (
+    stmt = (
         sa.select(r.c.id, r.c.started_at)
         .where(r.c.status == RUNNING, r.c.started_at < _aware(cutoff))
         .order_by(r.c.started_at, r.c.id)
     )
+    if after is not None:  # a row comparison is one index condition: the page starts right after the key
+        stmt = stmt.where(sa.tuple_(r.c.started_at, r.c.id) > sa.tuple_(*after, types=[UTCDateTime, sa.Text]))
+    return stmt
 
 
 def find_stuck_runs(*, settings: Settings, cutoff: datetime, limit: int | None = None) -> list[StuckRun]:
@@ -269,9 +275,7 @@ def find_stuck_runs(*, settings: Settings, cutoff: datetime, limit: int | None =
     Keyset-paged on (started_at, id) in pages of ``runs_batch_size``, each page an index-only range scan of
     the (status, started_at, id) index: cost grows with the stuck runs returned, not with the table.
     """
-    r = tables(settings).runs
     page = settings.runs_batch_size
-    base = stuck_runs_query(settings=settings, cutoff=cutoff)
     found: list[StuckRun] = []
     last: tuple[datetime, str] | None = None
     engine = db_engine(settings)
@@ -280,12 +284,8 @@ def find_stuck_runs(*, settings: Settings, cutoff: datetime, limit: int | None =
     with _errors("find stuck runs"), engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         while limit is None or len(found) < limit:
             size = page if limit is None else min(page, limit - len(found))
-            stmt = base
-            if last is not None:
-                stmt = stmt.where(
-                    sa.or_(r.c.started_at > last[0], sa.and_(r.c.started_at == last[0], r.c.id > last[1]))
-                )
-            rows = conn.execute(stmt.limit(size)).all()
+            stmt = stuck_runs_query(settings=settings, cutoff=cutoff, after=last).limit(size)
+            rows = conn.execute(stmt).all()
             found += map(StuckRun._make, rows)
             if len(rows) < size:
                 break
