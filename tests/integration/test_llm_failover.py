@@ -8,6 +8,7 @@ the Prefect Variables, the cooldown/budget, and the published report.
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -140,6 +141,21 @@ def report_of(state, key: str) -> str:
     return artifacts[0].data
 
 
+def recovery_events(name: str, since: datetime, *, at_least: int = 1, timeout: float = 15.0) -> list:
+    """Events ``name`` the Prefect server stored since ``since`` (stored asynchronously: poll with a deadline)."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    deadline = time.monotonic() + timeout
+    while True:
+        until = datetime.now(UTC) + timedelta(minutes=1)
+        flt = EventFilter(event=EventNameFilter(name=[name]), occurred=EventOccurredFilter(since=since, until=until))
+        with get_client(sync_client=True) as client:
+            events = client.read_events(filter=flt, limit=50).events
+        if len(events) >= at_least or time.monotonic() > deadline:
+            return events
+        time.sleep(0.2)  # poll
+
+
 def cooldown_keys(settings: Settings, redis) -> list[str]:
     return list(redis.scan_iter(match=f"{settings.state_prefix}:cooldown:*"))
 
@@ -154,6 +170,7 @@ def test_failover_on_failures_and_status_switches_model_and_rolls_out(fo, cluste
     seed_llm_steps(fo, model=BACKUP, failed=0, ok=5)
     before = worker_pod_models(cluster)
     assert set(before.values()) == {PRIMARY}
+    started = datetime.now(UTC)
 
     state = llm_provider_failover(dry_run=False, return_state=True)
     result = state.result()
@@ -169,6 +186,9 @@ def test_failover_on_failures_and_status_switches_model_and_rolls_out(fo, cluste
     md = report_of(state, "llm-provider-failover")
     assert "**failover**" in md and "18 / 20" in md and "major" in md and f"LITELLM_MODEL={BACKUP}" in md
     assert "OK" in md
+    events = recovery_events("ferrumdeck.recovery.llm-failover", started)
+    assert [(e.payload["from"], e.payload["to"]) for e in events] == [(PRIMARY, BACKUP)]
+    assert events[0].resource.id == "ferrumdeck.deployment.ferrumdeck.worker"
 
 
 def test_failover_dry_run_changes_nothing_anywhere(fo, cluster, llm_stub, redis):

@@ -6,6 +6,9 @@ exactly like a real restart; so "recovered" here means the flow's rollout restar
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.variables import Variable
@@ -76,6 +79,21 @@ def report_of(state, key: str = "mcp-server-recovery") -> str:
     return artifacts[0].data
 
 
+def mcp_restart_events(since: datetime, timeout: float = 15.0) -> list:
+    """``ferrumdeck.recovery.mcp-restart`` events stored since ``since`` (stored asynchronously: poll)."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    deadline = time.monotonic() + timeout
+    while True:
+        occurred = EventOccurredFilter(since=since, until=datetime.now(UTC) + timedelta(minutes=1))
+        flt = EventFilter(event=EventNameFilter(name=["ferrumdeck.recovery.mcp-restart"]), occurred=occurred)
+        with get_client(sync_client=True) as client:
+            events = client.read_events(filter=flt, limit=50).events
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(0.2)  # poll
+
+
 def test_healthy_server_is_a_noop_and_says_so(ms, cluster, mcp_stub):
     before = mcp_pods(cluster)
     state = mcp_server_recovery(dry_run=False, attempts=3, return_state=True)
@@ -91,6 +109,7 @@ def test_outage_is_cured_by_a_rollout_restart(ms, cluster, mcp_stub):
     server, _ = mcp_stub
     before = mcp_pods(cluster)
     outage(cluster, server)
+    started = datetime.now(UTC)
 
     state = mcp_server_recovery(dry_run=False, attempts=3, deadline_s=15, return_state=True)
     result = state.result()
@@ -102,6 +121,8 @@ def test_outage_is_cured_by_a_rollout_restart(ms, cluster, mcp_stub):
     assert "kubectl.kubernetes.io/restartedAt" in annotations
     md = report_of(state)
     assert "0/3 checks ok" in md and "HTTP 503" in md and "healthy again" in md and "recovered" in md
+    events = mcp_restart_events(started)
+    assert len(events) == 1 and events[0].resource.id == "ferrumdeck.deployment.ferrumdeck.mcp-server"
 
 
 def test_dry_run_restarts_nothing(ms, cluster, mcp_stub):
