@@ -16,14 +16,13 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from tasks import runs
 from tasks.correlate import PlanStep, TriageObservation, plan_triage
 from tasks.probes import check_mcp_health
-from tasks.recovery import observe_workers
+from tasks.recovery import RETRY, observe_workers
 from tasks.report import Report, artifact_key, markdown_table
 from tasks.settings import Settings, get_settings
 
@@ -60,7 +59,7 @@ class TriageResult(BaseModel):
     report: str = ""
 
 
-@task(name="observe-llm-failures", retries=2, retry_delay_seconds=[1, 3], cache_policy=NO_CACHE)
+@task(name="observe-llm-failures", **RETRY)
 def failing_models(*, settings: Settings) -> list[str]:
     """Models whose recent LLM steps fail at or above the failover error rate (with enough samples)."""
     since = datetime.now(UTC) - timedelta(minutes=settings.llm_failure_window_minutes)

@@ -19,6 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from tasks import kube as _kube
 from tasks import queue
 from tasks.connections import redis_client
 from tasks.correlate import ConsumerState, PendingEntry, PodState, Sample, WorkerLink, correlate
@@ -92,10 +93,43 @@ def build_view(*, settings: Settings, pods: Iterable[Any], snapshot: queue.Queue
     return WorkersView(links=links, pods=states, snapshot=snapshot)
 
 
+# ------------------------------------------------------------------------------------ retry policy
+
+
+def is_temporary(error: BaseException) -> bool:
+    """Errors a retry can fix: Kubernetes 429/5xx/connection, Redis connection/timeout, lost DB connections."""
+    from tasks import kube, runs
+
+    if kube.is_temporary(error) or runs.is_temporary(error):
+        return True
+    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        return True
+    cause = error.__cause__
+    return isinstance(error, queue.QueueError) and isinstance(cause, redis.ConnectionError | redis.TimeoutError)
+
+
+def retry_if_temporary(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a task only when it failed for a temporary reason."""
+    try:
+        state.result()
+    except Exception as e:  # noqa: BLE001 - classify whatever the task raised
+        return is_temporary(e)
+    return False
+
+
+# the same back-off as the Kubernetes tasks (FD_KUBE_RETRY_DELAYS_S, read at import; short in tests)
+RETRY: dict[str, Any] = {
+    "retries": len(_kube.RETRY_DELAYS_S),
+    "retry_delay_seconds": list(_kube.RETRY_DELAYS_S) or 0,
+    "retry_condition_fn": retry_if_temporary,
+    "cache_policy": NO_CACHE,
+}
+
+
 # ------------------------------------------------------------------------------------ observations
 
 
-@task(name="observe-workers", retries=2, retry_delay_seconds=[1, 3], cache_policy=NO_CACHE)
+@task(name="observe-workers", **RETRY)
 def observe_workers(*, settings: Settings, diagnose: bool = True) -> WorkersView:
     """Every worker pod (diagnosed: state, events/logs of unhealthy ones, CPU) joined with its consumer."""
     from tasks import kube
@@ -105,7 +139,7 @@ def observe_workers(*, settings: Settings, diagnose: bool = True) -> WorkersView
     return build_view(settings=settings, pods=pods, snapshot=snapshot)
 
 
-@task(name="sample-workers", retries=2, retry_delay_seconds=[1, 3], cache_policy=NO_CACHE)
+@task(name="sample-workers", **RETRY)
 def sample_workers(*, settings: Settings, at: float) -> Sample:
     """One sample for hang detection: pods (one list call), CPU (one metrics call), the group's numbers."""
     from tasks import kube
@@ -120,7 +154,7 @@ def sample_workers(*, settings: Settings, at: float) -> Sample:
     return Sample(at=at, lag=int(snapshot.lag or 0), pods=states, consumers=consumer_states(snapshot))
 
 
-@task(name="read-consumer-entries", retries=2, retry_delay_seconds=[1, 3], cache_policy=NO_CACHE)
+@task(name="read-consumer-entries", **RETRY)
 def read_consumer_entries(*, settings: Settings, consumer: str, limit: int = 10_000) -> list[PendingEntry]:
     """The pending entries a consumer holds (paged scan) with the run and step each carries.
 
@@ -156,8 +190,7 @@ class DeadLettered(BaseModel):
     skipped: dict[str, str] = Field(default_factory=dict)
 
 
-@task(name="dead-letter-entries", task_run_name="dead-letter {entry_ids}", retries=2, retry_delay_seconds=[1, 3],
-      cache_policy=NO_CACHE)
+@task(name="dead-letter-entries", task_run_name="dead-letter {entry_ids}", **RETRY)
 def dead_letter_entries(
     *, settings: Settings, consumer: str, entry_ids: Sequence[str], reason: str, dry_run: bool
 ) -> DeadLettered:
@@ -235,7 +268,7 @@ class SettledRuns(BaseModel):
     errors: dict[str, str] = Field(default_factory=dict)
 
 
-@task(name="settle-worker-runs", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="settle-worker-runs", **RETRY)
 def settle_worker_runs(
     *,
     settings: Settings,

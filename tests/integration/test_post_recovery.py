@@ -124,3 +124,15 @@ def test_interactive_run_asks_the_human_items_through_a_form(env, cluster, redis
     assert by["Preventive measures identified"].ok is True
     assert "raise memory limit" in result.report
     assert by["Alerting confirmed working"].ok is None  # FD_ALERTING_CHECK=none in this test: open, not ticked
+
+
+def test_a_transient_kubernetes_error_is_retried_and_a_persistent_one_fails_clearly(env, cluster, redis):
+    s = env
+    consume_once(redis, s, worker_pods(cluster, s))
+    cluster.fail_api(500, count=1, path_contains="/pods")
+    result = post_recovery_check()
+    assert result.items[0].ok is True  # the observe task failed once (HTTP 500), was retried, then saw 3 pods
+    cluster.fail_api(500, count=50, path_contains="/pods")
+    with pytest.raises(Exception, match="HTTP 500"):
+        post_recovery_check()
+    cluster.clear_faults()

@@ -45,3 +45,23 @@ def test_triage_summarises_a_subflow_from_its_report_outcome():
         report = "# x\n\nOutcome: **recovered** · started 2026-11-27\n"
 
     assert _summary(R()) == "recovered"
+
+
+def test_only_temporary_errors_are_retried():
+    import redis
+    import sqlalchemy as sa
+
+    from tasks.kube import KubeNotFound, KubeServerError, KubeUnavailable
+    from tasks.queue import QueueError
+    from tasks.recovery import is_temporary
+
+    assert is_temporary(KubeServerError("list pods: HTTP 500", status=500))
+    assert is_temporary(KubeUnavailable("unreachable"))
+    assert not is_temporary(KubeNotFound("gone", status=404))
+    assert is_temporary(redis.ConnectionError("reset"))
+    wrapped = QueueError("cannot scan")
+    wrapped.__cause__ = redis.TimeoutError("slow")
+    assert is_temporary(wrapped)
+    assert not is_temporary(QueueError("group missing"))
+    assert not is_temporary(ValueError("bad input"))
+    assert not is_temporary(sa.exc.ArgumentError("bad"))
