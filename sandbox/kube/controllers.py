@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sandbox.kube.resources import DEPLOYMENTS, EVENTS, PDBS, PODS, REPLICASETS, Resource
+from sandbox.kube.resources import DEPLOYMENTS, EVENTS, NODES, PDBS, PODS, REPLICASETS, Resource
 from sandbox.kube.selectors import labels_match, selector_from_match_labels
 from sandbox.kube.store import Store, WatchEvent, fnv32a, now_iso, now_iso_micro, random_suffix, safe_encode
 
@@ -30,6 +30,8 @@ NODE_NAME = "sandbox-node-1"
 NODE_IP = "10.0.0.10"
 REVISION = "deployment.kubernetes.io/revision"
 HASH_LABEL = "pod-template-hash"
+UNSCHEDULABLE_MESSAGE = ("0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: "
+                         "1 No preemption victims found for incoming pod.")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class PodSim:
     cpu_m: int = 250
     memory_mi: int = 64
     fault: str | None = None  # "crash-loop" | "hang" | "unschedulable"
+    blocked: bool = False  # Unschedulable because of a scheduling block or a cordoned node (lifted -> scheduled)
     crash: dict = field(default_factory=dict)
     backoffs: int = 0
 
@@ -270,6 +273,7 @@ class Controller:
             for _ in range(10):
                 before = self.store.rv
                 self._gc()
+                self._retry_scheduling()
                 for d in self.store.list(DEPLOYMENTS):
                     self._sync_deployment(d)
                 for rs in self.store.list(REPLICASETS):
@@ -616,10 +620,40 @@ class Controller:
         uid = created["metadata"]["uid"]
         self.sims[uid] = PodSim()
         ns, name = created["metadata"]["namespace"], created["metadata"]["name"]
-        if self.schedule_block is not None and labels_match(self.schedule_block, created["metadata"].get("labels")):
-            return self.unschedulable(ns, name)
+        reason = self._scheduling_blocked(created)
+        if reason:
+            self.sims[uid].blocked = True
+            return self.unschedulable(ns, name, message=reason)
         self._scheduled(created)
         return created
+
+    def _scheduling_blocked(self, pod: dict) -> str | None:
+        """Why the scheduler cannot place this pod now (a cordoned node or a block), or None."""
+        node = self.store.get(NODES, None, NODE_NAME)
+        if node is None or (node.get("spec") or {}).get("unschedulable"):
+            return ("0/1 nodes are available: 1 node(s) were unschedulable. preemption: 0/1 nodes are available: "
+                    "1 Preemption is not helpful for scheduling.")
+        if self.schedule_block is not None and labels_match(self.schedule_block, pod["metadata"].get("labels")):
+            return UNSCHEDULABLE_MESSAGE
+        return None
+
+    def _retry_scheduling(self) -> None:
+        """Pods held back by a block or a cordon are scheduled once it is lifted (checked every reconcile)."""
+        for pod in self.store.list(PODS):
+            sim = self.sims.get(pod["metadata"]["uid"])
+            if sim is None or not sim.blocked or pod["metadata"].get("deletionTimestamp"):
+                continue
+            if self._scheduling_blocked(pod) is None:
+                self._schedule_now(pod, sim)
+
+    def _schedule_now(self, pod: dict, sim: PodSim) -> None:
+        sim.fault, sim.blocked, sim.cpu_m = None, False, 250
+
+        def apply(o: dict) -> None:
+            o["spec"]["nodeName"] = NODE_NAME
+            o["status"] = _pending_status(o["spec"])
+
+        self._scheduled(self.store.mutate(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"], apply))
 
     def _scheduled(self, pod: dict) -> None:
         ns, name, uid = pod["metadata"]["namespace"], pod["metadata"]["name"], pod["metadata"]["uid"]
@@ -638,14 +672,8 @@ class Controller:
             sim = self.sims.get(pod["metadata"]["uid"])
             if sim is None or sim.fault != "unschedulable" or pod["metadata"].get("deletionTimestamp"):
                 continue
-            sim.fault = None
-            sim.cpu_m = 250
-
-            def apply(o: dict) -> None:
-                o["spec"]["nodeName"] = NODE_NAME
-                o["status"] = _pending_status(o["spec"])
-
-            self._scheduled(self.store.mutate(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"], apply))
+            sim.blocked = True  # manual faults too: scheduled now unless the node is cordoned
+        self._retry_scheduling()
 
     def _sim(self, pod: dict) -> PodSim:
         return self.sims.setdefault(pod["metadata"]["uid"], PodSim())
@@ -818,15 +846,14 @@ class Controller:
         sim.fault = "hang"
         sim.cpu_m = 0
 
-    def unschedulable(self, ns: str, name: str) -> dict:
+    def unschedulable(self, ns: str, name: str, *, message: str = "") -> dict:
         pod = self.store.get(PODS, ns, name)
         if pod is None:
             raise KeyError(f"pod {ns}/{name} not found")
         sim = self._sim(pod)
         sim.fault = "unschedulable"
         sim.cpu_m = 0
-        message = ("0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: "
-                   "1 No preemption victims found for incoming pod.")
+        message = message or UNSCHEDULABLE_MESSAGE
 
         def apply(o: dict) -> None:
             o["spec"].pop("nodeName", None)

@@ -134,3 +134,16 @@ def test_top_pod_prints_cpu(cluster, kubectl):
     table = {r[0]: r for r in rows(kubectl("top", "pod", "-l", "app=worker").stdout)[1:]}
     assert table[names[0]][1] == "0m" and table[names[1]][1] == "730m" and table[names[2]][1] == "250m"
     assert table[names[2]][2] == "64Mi"
+
+
+def test_drain_evicts_and_replacements_wait_for_uncordon(cluster, kubectl):
+    before = set(worker_names(cluster))
+    out = kubectl("drain", "sandbox-node-1", "--ignore-daemonsets", "--timeout=30s").stdout
+    assert "node/sandbox-node-1 drained" in out
+    assert not before & set(worker_names(cluster))
+    pending = cluster.pods(selector="app=worker")
+    assert len(pending) == 3 and {p["status"]["phase"] for p in pending} == {"Pending"}
+    assert {p["status"]["conditions"][0]["reason"] for p in pending} == {"Unschedulable"}
+    kubectl("uncordon", "sandbox-node-1")
+    cluster.wait_until(lambda: len(ready_workers(cluster)) == 3)
+    assert {p["metadata"]["name"] for p in pending} == set(worker_names(cluster))
