@@ -784,17 +784,18 @@ class Controller:
             raise KeyError(f"pod {ns}/{name} not found")
         sim = self._sim(pod)
         sim.fault = "crash-loop"
-        sim.crash = {"exit_code": exit_code, "reason": reason, "logs": list(logs)}
+        generation = int(sim.crash.get("generation", 0)) + 1  # a new crash_loop() replaces the old back-off chain
+        sim.crash = {"exit_code": exit_code, "reason": reason, "logs": list(logs), "generation": generation}
         sim.backoffs = 0
         sim.cpu_m = 0
-        return self._crash_once(ns, name, pod["metadata"]["uid"])
+        return self._crash_once(ns, name, pod["metadata"]["uid"], generation)
 
-    def _crash_once(self, ns: str, name: str, uid: str) -> dict | None:
+    def _crash_once(self, ns: str, name: str, uid: str, generation: int) -> dict | None:
         pod = self._current(ns, name, uid)
         if pod is None:
             return None
         sim = self._sim(pod)
-        if sim.fault != "crash-loop":
+        if sim.fault != "crash-loop" or sim.crash.get("generation") != generation:
             return None
         finished = now_iso()
         stamp = now_iso_micro()
@@ -835,7 +836,7 @@ class Controller:
                               component="kubelet", field_path=f"spec.containers{{{c}}}")
         delay = min(self.timing.backoff_base * 2 ** sim.backoffs, self.timing.backoff_max)
         sim.backoffs += 1
-        self.after(delay, lambda: self._crash_once(ns, name, uid))
+        self.after(delay, lambda: self._crash_once(ns, name, uid, generation))
         return updated
 
     def hang(self, ns: str, name: str) -> None:
