@@ -28,7 +28,7 @@ from sandbox.kube.selectors import (
     selector_string,
 )
 from sandbox.kube.store import Store, StoreError, WatchEvent, not_found, now_iso
-from sandbox.kube.tables import table
+from sandbox.kube.tables import parse_time, table
 
 log = logging.getLogger(__name__)
 
@@ -818,8 +818,6 @@ class KubeApp:
 
 
 def _stamp_seconds(stamp: str) -> float:
-    from sandbox.kube.tables import parse_time
-
     when = parse_time(stamp)
     return when.timestamp() if when else 0.0
 
