@@ -134,7 +134,17 @@ def stuck_runs_sweep(
     ] = None,
     dry_run: Annotated[bool, Field(description="Only report what would be done.")] = True,
 ) -> SweepResult:
-    """Find stuck runs, decide per run from the queue, then fail / retry within the guard, verify, report."""
+    """Find stuck runs, decide per run from the queue, then fail / retry within the guard, verify, report.
+
+    Args:
+        older_than_minutes: A run is stuck when `running` for longer than this (minutes).
+        action: auto: decide per run from the queue; fail: fail every stuck run; retry: never fail.
+        max_runs: Blast radius: act on at most this many runs per sweep (the oldest first).
+        max_step_retries: Retry a step through the gateway at most this many times, then fail its run.
+        min_idle_ms: A pending step's owner counts as alive while idle less than this (ms; runbook: 5 minutes).
+        live_consumers: Consumers known alive (worker pods); when given, only these count as live owners.
+        dry_run: Only report what would be done.
+    """
     settings = get_settings()
     logger = get_run_logger()
     report = Report(title=f"stuck-runs-sweep ({action}, older than {older_than_minutes} min)")
@@ -293,7 +303,14 @@ def fail_run(
     ] = ("Worker did not respond"),
     dry_run: Annotated[bool, Field(description="Only report what would be done.")] = True,
 ) -> FailRunResult:
-    """Observe the run, ask the guard, fail it if still running, read it back, report."""
+    """Observe the run, ask the guard, fail it if still running, read it back, report.
+
+    Args:
+        run_id: The run to fail, e.g. `run_01H...` (letters, digits, `_.:-`).
+        code: Error code written to the run's `error` JSON.
+        message: Error message written to the run's `error` JSON.
+        dry_run: Only report what would be done.
+    """
     validate_id(run_id, what="run id")
     settings = get_settings()
     report = Report(title=f"fail-run {run_id}")
@@ -355,7 +372,13 @@ def retry_step(
     step_id: Annotated[str, Field(pattern=_ID_PATTERN, description="The step to re-enqueue.")],
     dry_run: Annotated[bool, Field(description="Only report what would be done.")] = True,
 ) -> RetryStepResult:
-    """Observe the step (database and queue), ask the guard, call the gateway, check it is queued, report."""
+    """Observe the step (database and queue), ask the guard, call the gateway, check it is queued, report.
+
+    Args:
+        run_id: The step's run (letters, digits, `_.:-`).
+        step_id: The step to re-enqueue (letters, digits, `_.:-`).
+        dry_run: Only report what would be done.
+    """
     validate_id(run_id, what="run id")
     validate_id(step_id, what="step id")
     settings = get_settings()
