@@ -111,8 +111,7 @@ def set_model(settings: Settings, model: str) -> None:
     kube.set_deployment_env.fn(
         settings=settings, deployment="worker", container="worker", name=settings.llm_model_env, value=model,
         dry_run=False,
-    )
-    kube.wait_for_rollout.fn(settings=settings, deployment="worker", timeout_s=30)
+    )  # no wait for its rollout: the flow reads the Deployment's env, and waits itself when it switches
 
 
 def worker_pod_models(cluster) -> dict[str, str | None]:
