@@ -46,6 +46,8 @@ class Timing:
     bookmark_interval: float = 1.0  # BOOKMARK events on watches that allow them
     api_timeout: float = 2.0  # a "timeout" fault holds the request this long, then answers 504
     watch_timeout: float = 1800.0  # a watch without timeoutSeconds closes after this
+    event_ttl: float = 3600.0  # events are dropped this long after they were last seen (kube-apiserver: 1 h)
+    event_prune_interval: float = 10.0  # how often expired events are looked for
 
     @classmethod
     def demo(cls) -> Timing:
@@ -183,6 +185,7 @@ class Controller:
         self.listeners: list[Callable[[str, dict], None]] = []
         self._pod_events: deque[tuple[str, dict]] = deque()
         self._dispatching = False
+        self._last_prune = 0.0
         self.schedule_block: list | None = None  # label requirements of pods that cannot be scheduled
         self._thread: threading.Thread | None = None
         store.subscribe(self._on_event)
@@ -285,7 +288,19 @@ class Controller:
                 if self.store.rv == before:
                     return
 
+    def _prune_events(self) -> None:
+        """Drop events not seen for ``event_ttl`` (checked every ``event_prune_interval``)."""
+        now = time.time()
+        if now - self._last_prune < self.timing.event_prune_interval:
+            return
+        self._last_prune = now
+        cutoff = datetime.fromtimestamp(now - self.timing.event_ttl, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for ev in self.store.list(EVENTS):
+            if (ev.get("lastTimestamp") or ev["metadata"].get("creationTimestamp") or "") < cutoff:
+                self.store.remove(EVENTS, ev["metadata"]["namespace"], ev["metadata"]["name"])
+
     def _gc(self) -> None:
+        self._prune_events()
         deployments = {d["metadata"]["uid"] for d in self.store.list(DEPLOYMENTS)}
         for rs in self.store.list(REPLICASETS):
             ref = _owner(rs)

@@ -223,3 +223,10 @@ def test_module_entry_point_serves_until_interrupted(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
+
+
+def test_expired_events_are_pruned(cluster, core):
+    assert core.list_namespaced_event(NS, field_selector="reason=Scheduled").items
+    cluster.set_timing(event_ttl=-60.0, event_prune_interval=0.0)  # everything is older than the cutoff
+    core.patch_namespaced_pod(worker_names(cluster)[0], NS, {"metadata": {"labels": {"poke": "1"}}})  # wakes controllers
+    cluster.wait_until(lambda: not core.list_namespaced_event(NS, field_selector="reason=Scheduled").items)
