@@ -230,3 +230,21 @@ def test_expired_events_are_pruned(cluster, core):
     cluster.set_timing(event_ttl=-60.0, event_prune_interval=0.0)  # everything is older than the cutoff
     core.patch_namespaced_pod(worker_names(cluster)[0], NS, {"metadata": {"labels": {"poke": "1"}}})  # wakes controllers
     cluster.wait_until(lambda: not core.list_namespaced_event(NS, field_selector="reason=Scheduled").items)
+
+
+def test_client_quirks_python_booleans_protobuf_accept_and_pagination(cluster, http):
+    victim = worker_names(cluster)[0]
+    cluster.crash_loop(victim, logs=["boom"])
+    # client v35 sends Python-style booleans
+    assert http.get(f"{PODS}/{victim}/log", params={"previous": "True"}).text == "boom\n"
+    events, _ = watch_lines(http, PODS, watch="True", timeoutSeconds="1", labelSelector="app=mcp-server")
+    assert [e["type"] for e in events] == ["ADDED"]
+    # protobuf asked first: JSON answered, never 406
+    pb = http.get(PODS, headers={"Accept": "application/vnd.kubernetes.protobuf, application/json"})
+    assert pb.status_code == 200 and pb.headers["content-type"] == "application/json" and pb.json()["kind"] == "PodList"
+    # limit/continue
+    first = http.get(PODS, params={"limit": "3"}).json()
+    assert len(first["items"]) == 3 and first["metadata"]["remainingItemCount"] == 1
+    rest = http.get(PODS, params={"limit": "3", "continue": first["metadata"]["continue"]}).json()
+    names = [p["metadata"]["name"] for p in first["items"] + rest["items"]]
+    assert sorted(names) == sorted(p["metadata"]["name"] for p in cluster.pods()) and "continue" not in rest["metadata"]
