@@ -24,6 +24,10 @@ os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def say(message: str) -> None:
     print(message, flush=True)
 
@@ -47,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     from sandbox.stack import DRILL_PARAMETERS, DRILL_SETTINGS, Stack
 
     names = args.scenarios or (SHORT if args.short else list(SCENARIOS))
-    # SIGTERM (CI cancelling the job) stops everything like Ctrl-C does
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # CI cancelling the job stops everything like Ctrl-C does
     started = time.monotonic()
     stack = None
+    code = 130
     try:
         stack = Stack.start(state_dir=args.state_dir, load_rate_per_s=args.load, say=say)
         info = stack.summary()
@@ -73,16 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         verdict = (f"{len(results)} scenarios recovered, steps_lost 0 in every one" if not failed else
                    f"{len(failed)} of {len(results)} scenarios FAILED: {', '.join(r.scenario for r in failed)}")
         say(f"demo {'OK' if not failed else 'FAILED'}: {verdict} ({time.monotonic() - started:.0f} s in all)")
+        code = 1 if failed else 0
         if args.keep:
             env = stack.write_env()
             say(f"\n--keep: everything keeps running. Prefect UI {stack.ui_url}; environment: set -a; . {env}; "
                 f"set +a; then e.g. kubectl get pods -n ferrumdeck. Ctrl-C stops it all.")
-            stack.keep_keys = False
             threading.Event().wait()
-        return 1 if failed else 0
+        return code
     except KeyboardInterrupt:
-        say("\ninterrupted: stopping everything ...")
-        return 130
+        say("\nstopping everything ...")
+        return code
     finally:
         if stack is not None:
             stack.stop()
