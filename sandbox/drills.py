@@ -133,8 +133,12 @@ def post_alert(stack: Any, alertname: str, *, labels: dict[str, str], annotation
                ) -> dict[str, Any]:
     """POST the alert to the stack's bridge as Alertmanager's webhook receiver would; the bridge's answer."""
     body = alertmanager_body(alertname, labels=labels, annotations=annotations)
-    r = httpx.post(f"{stack.bridge.url}/alertmanager", json=body, timeout=10,
-                   headers={"Authorization": f"Bearer {stack.bridge_token}"})
+    for attempt in range(5):  # like Alertmanager: a 5xx (Prefect busy) is retried with back-off
+        r = httpx.post(f"{stack.bridge.url}/alertmanager", json=body, timeout=10,
+                       headers={"Authorization": f"Bearer {stack.bridge_token}"})
+        if r.status_code < 500:
+            break
+        time.sleep(0.5 * 2**attempt)  # back-off before the retry
     if r.status_code != 200:
         raise DrillError(f"the bridge refused {alertname}: HTTP {r.status_code} {r.text[:200]}")
     return r.json()
@@ -148,15 +152,22 @@ class FlowRuns:
 
     def __init__(self, stack: Any) -> None:
         self.stack = stack
-        self.http = httpx.Client(base_url=stack.api_url, timeout=10)
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        from sandbox.stack import api_call
+
+        r = api_call(method, f"{self.stack.api_url}{path}", **kwargs)
+        if r.status_code >= 300:
+            raise DrillError(f"Prefect API {method} {path}: HTTP {r.status_code} {r.text[:200]}")
+        return r.json()
 
     def ids(self, deployment: str) -> set[str]:
         dep = self.stack.deployments[deployment]
         body = {"flow_runs": {"deployment_id": {"any_": [dep]}}, "limit": 200, "sort": "EXPECTED_START_TIME_DESC"}
-        return {r["id"] for r in self.http.post("/flow_runs/filter", json=body).json()}
+        return {r["id"] for r in self._json("POST", "/flow_runs/filter", json=body)}
 
     def read(self, run_id: str) -> dict[str, Any]:
-        return self.http.get(f"/flow_runs/{run_id}").json()
+        return self._json("GET", f"/flow_runs/{run_id}")
 
     def wait_new(self, deployment: str, *, known: set[str], timeout_s: float) -> str:
         new = wait_for(lambda: self.ids(deployment) - known, timeout_s=timeout_s, interval_s=0.2,
@@ -174,7 +185,7 @@ class FlowRuns:
         return wait_for(final, timeout_s=timeout_s, interval_s=0.25, what=f"flow run {run_id} to finish")
 
     def close(self) -> None:
-        self.http.close()
+        """Nothing held open (each call is one request)."""
 
 
 def describe_run(run: dict[str, Any]) -> str:

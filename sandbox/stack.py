@@ -91,6 +91,21 @@ def wait_until(predicate: Callable[[], Any], *, timeout_s: float, what: str, int
         time.sleep(interval_s)  # poll
 
 
+def api_call(method: str, url: str, *, attempts: int = 5, **kwargs: Any) -> httpx.Response:
+    """One Prefect API request, retried on connection errors and 5xx (SQLite answers 503 when it is busy)."""
+    for attempt in range(attempts):
+        try:
+            response = httpx.request(method, url, timeout=10, **kwargs)
+        except httpx.HTTPError as e:
+            if attempt == attempts - 1:
+                raise StackError(f"{method} {url}: {type(e).__name__}: {e}") from e
+        else:
+            if response.status_code < 500 or attempt == attempts - 1:
+                return response
+        time.sleep(0.5 * 2**attempt)  # back-off before the retry
+    raise AssertionError("unreachable")
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """Every field of ``settings`` as ``FD_*`` variables (secrets revealed: for a child process only)."""
     env: dict[str, str] = {}
@@ -316,8 +331,11 @@ class Stack:
             if not serve.alive():
                 raise StackError(f"fd-recovery serve exited ({serve.popen.returncode}):\n{serve.tail()}")
             try:
-                deps = httpx.post(f"{self.api_url}/deployments/filter", json={"limit": 200}, timeout=5).json()
-                autos = httpx.post(f"{self.api_url}/automations/filter", json={"limit": 200}, timeout=5).json()
+                r_deps = httpx.post(f"{self.api_url}/deployments/filter", json={"limit": 200}, timeout=5)
+                r_autos = httpx.post(f"{self.api_url}/automations/filter", json={"limit": 200}, timeout=5)
+                if r_deps.status_code != 200 or r_autos.status_code != 200:
+                    return False
+                deps, autos = r_deps.json(), r_autos.json()
             except (httpx.HTTPError, ValueError):
                 return False
             self.deployments = {d["name"]: d["id"] for d in deps}
@@ -332,9 +350,8 @@ class Stack:
             dep_id = self.deployments.get(name)
             if dep_id is None:
                 raise StackError(f"no deployment {name!r} to tune")
-            current = httpx.get(f"{self.api_url}/deployments/{dep_id}", timeout=5).json().get("parameters") or {}
-            r = httpx.patch(f"{self.api_url}/deployments/{dep_id}", json={"parameters": {**current, **params}},
-                            timeout=5)
+            current = api_call("GET", f"{self.api_url}/deployments/{dep_id}").json().get("parameters") or {}
+            r = api_call("PATCH", f"{self.api_url}/deployments/{dep_id}", json={"parameters": {**current, **params}})
             if r.status_code >= 300:
                 raise StackError(f"could not set the parameters of {name}: HTTP {r.status_code} {r.text[:200]}")
 
