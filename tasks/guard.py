@@ -8,7 +8,9 @@ Prefect global concurrency limits used as rate limits (slot decay), created on f
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
@@ -44,11 +46,13 @@ class Budget:
 
 
 def pod_deletion_budget(settings: Settings) -> Budget:
-    return Budget(name="fd-budget-pod-deletions", limit=settings.pod_deletions_per_hour, per_seconds=3600)
+    return Budget(
+        name=f"{settings.budget_prefix}-pod-deletions", limit=settings.pod_deletions_per_hour, per_seconds=3600
+    )
 
 
 def llm_failover_budget(settings: Settings) -> Budget:
-    return Budget(name="fd-budget-llm-failover", limit=settings.failovers_per_15_min, per_seconds=900)
+    return Budget(name=f"{settings.budget_prefix}-llm-failover", limit=settings.failovers_per_15_min, per_seconds=900)
 
 
 def is_truthy(value: object) -> bool:
@@ -91,15 +95,42 @@ def ensure_budget(budget: Budget) -> None:
             )
 
 
-def _spend(budget: Budget) -> bool:
-    """Take one slot of the budget now, or return False if it is exhausted."""
+def budget_has_room(budget: Budget) -> bool:
+    """Whether the budget's limit has a free slot now (slot decay applied); creates or updates the limit to match."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(budget.name)
+        except ObjectNotFound:
+            ensure_budget(budget)
+            return budget.limit > 0
+        if limit.limit != budget.limit or limit.slot_decay_per_second != budget.slot_decay_per_second:
+            # the operator changed the budget's setting: the limit follows it
+            client.update_global_concurrency_limit(
+                budget.name,
+                GlobalConcurrencyLimitUpdate(limit=budget.limit, slot_decay_per_second=budget.slot_decay_per_second),
+            )
+            limit.limit = budget.limit
+    elapsed = max((datetime.now(UTC) - limit.updated).total_seconds(), 0.0) if limit.updated else 0.0
+    active = max(0.0, limit.active_slots - math.floor((limit.slot_decay_per_second or 0.0) * elapsed))
+    return active + 1 <= limit.limit
+
+
+def _spend(budget: Budget, *, wait_s: float) -> bool:
+    """Take one slot of the budget, or return False if it is exhausted.
+
+    An exhausted budget is refused at once (read first); otherwise the slot is acquired strictly, waiting up to
+    ``wait_s`` so a slow Prefect API is not mistaken for an exhausted budget.
+    """
     from prefect.concurrency.sync import rate_limit
 
-    if budget.limit <= 0:
+    if budget.limit <= 0 or not budget_has_room(budget):
         return False
-    ensure_budget(budget)
     try:
-        rate_limit(budget.name, occupy=1, timeout_seconds=2, strict=True)
+        rate_limit(budget.name, occupy=1, timeout_seconds=wait_s, strict=True)
     except TimeoutError:
         return False
     return True
@@ -129,7 +160,7 @@ def check(
     if cooldown > 0 and not client.set(key, "1", nx=True, ex=cooldown):
         ttl = client.ttl(key)
         return Verdict(allowed=False, reason=f"refused: {what} already done recently (cooldown, {ttl}s left)")
-    if budget is not None and not _spend(budget):
+    if budget is not None and not _spend(budget, wait_s=settings.budget_wait_s):
         if cooldown > 0:
             client.delete(key)
         return Verdict(

@@ -9,9 +9,7 @@ hung worker held, with the live consumers known — so no 30-minute wait either.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -23,7 +21,7 @@ from tasks import kube as _kube
 from tasks import queue
 from tasks.connections import redis_client
 from tasks.correlate import ConsumerState, PendingEntry, PodState, Sample, WorkerLink, correlate
-from tasks.guard import Budget, Verdict, check, pod_deletion_budget
+from tasks.guard import Verdict, check, pod_deletion_budget
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -224,34 +222,11 @@ def dead_letter_entries(
 # ------------------------------------------------------------------------------------ pod deletions
 
 
-def budget_has_room(budget: Budget) -> bool:
-    """Whether the budget's Prefect limit still has a free slot now (slot decay applied), read-only."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            limit = client.read_global_concurrency_limit_by_name(budget.name)
-        except ObjectNotFound:
-            return budget.limit > 0
-    elapsed = (datetime.now(UTC) - limit.updated).total_seconds() if limit.updated else 0.0
-    active = max(0.0, limit.active_slots - math.floor(limit.slot_decay_per_second * max(elapsed, 0.0)))
-    return active + 1 <= limit.limit
-
-
 def guard_pod_deletion(*, settings: Settings, pod: str, dry_run: bool) -> Verdict:
-    """``guard.check`` for deleting/evicting one worker pod (kill switch, dry run, per-pod cooldown, budget).
-
-    The guard waits 2 s for a budget slot; on a loaded Prefect API that wait can expire while the budget still
-    has room. A budget refusal is therefore confirmed by reading the limit: if a slot is in fact free, ask once
-    more. A truly exhausted budget is refused either way (fail closed).
-    """
-    budget = pod_deletion_budget(settings)
-    verdict = check(action="delete-pod", target=pod, dry_run=dry_run, settings=settings, budget=budget)
-    if verdict.refused and "budget" in verdict.reason and budget_has_room(budget):
-        log.warning("budget %s refused %s while it had room (slow API?); asking once more", budget.name, pod)
-        verdict = check(action="delete-pod", target=pod, dry_run=dry_run, settings=settings, budget=budget)
-    return verdict
+    """``guard.check`` for deleting/evicting one worker pod (kill switch, dry run, per-pod cooldown, budget)."""
+    return check(
+        action="delete-pod", target=pod, dry_run=dry_run, settings=settings, budget=pod_deletion_budget(settings)
+    )
 
 
 # ------------------------------------------------------------------------------------ settle runs

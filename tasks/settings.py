@@ -165,6 +165,12 @@ class Settings(BaseSettings):
     max_replicas: int = Field(20, ge=1, description="Never scale the workers above this.")
     pod_deletions_per_hour: int = Field(3, ge=0, description="Budget of pod deletions/evictions per hour.")
     failovers_per_15_min: int = Field(1, ge=0, description="Budget of LLM failovers per 15 minutes.")
+    budget_prefix: str = Field(
+        "fd-budget", min_length=1, description="Name prefix of the budgets' Prefect global concurrency limits."
+    )
+    budget_wait_s: float = Field(
+        30.0, gt=0, description="How long a guarded action may wait for a free budget slot on a slow Prefect API."
+    )
     target_cooldown_s: int = Field(300, ge=0, description="A target (pod, deployment) is acted on once per this.")
 
     @field_validator("stream", "group", "dlq_stream")

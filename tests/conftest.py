@@ -53,6 +53,7 @@ def settings(key_prefix: str) -> Iterator[Settings]:
         dlq_stream=f"{key_prefix}:dlq",
         state_prefix=f"{key_prefix}:state",
         kill_switch_variable=f"paused_{key_prefix.split(':')[1]}",
+        budget_prefix=f"fd-test-{key_prefix.split(':')[1]}",
     )
     yield s
     client = redis_lib.Redis.from_url(REDIS_URL)

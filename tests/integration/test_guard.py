@@ -40,3 +40,12 @@ def test_budget_allows_three_then_refuses_the_fourth(settings):
     assert "budget" in verdicts[3].reason
     # the refused target's cooldown was released, so it can act once the budget refills
     assert check(action="delete-pod", target="w-3", dry_run=False, settings=settings, cooldown_s=60).allowed
+
+
+def test_budget_follows_a_changed_setting(settings):
+    name = f"fd-test-budget-{uuid.uuid4().hex[:8]}"
+    one = Budget(name=name, limit=1, per_seconds=3600)
+    assert check(action="scale", target="a", dry_run=False, settings=settings, budget=one, cooldown_s=0).allowed
+    assert not check(action="scale", target="b", dry_run=False, settings=settings, budget=one, cooldown_s=0).allowed
+    two = Budget(name=name, limit=2, per_seconds=3600)  # the operator raised FD_..._PER_HOUR
+    assert check(action="scale", target="b", dry_run=False, settings=settings, budget=two, cooldown_s=0).allowed
