@@ -673,7 +673,9 @@ class KubeApp:
                 lines = sim.previous.get(container, [])
             else:
                 lines = sim.logs.get(container, [])
-        lines = list(lines)
+        source = lines
+        lines = list(source)
+        seen = len(lines)  # a follow streams what is appended after this snapshot
         if query.get("sinceSeconds"):
             cutoff = time.time() - int(query["sinceSeconds"])
             lines = [entry for entry in lines if _stamp_seconds(entry[0]) >= cutoff]
@@ -685,16 +687,17 @@ class KubeApp:
         if query.get("limitBytes"):
             text = text[: int(query["limitBytes"])]
         if truthy(query.get("follow")) and not previous and sim is not None:
-            return StreamingResponse(self._follow(pod, container, text, stamps), media_type="text/plain")
+            current = sim.logs.setdefault(container, [])
+            start = seen if source is current else 0  # a crash-looping container's new instance starts empty
+            return StreamingResponse(self._follow(pod, container, text, stamps, current, start),
+                                     media_type="text/plain")
         return PlainTextResponse(text, media_type="text/plain")
 
-    async def _follow(self, pod: dict, container: str, text: str, stamps: bool):
-        """``logs -f``: what is there, then new lines as they are appended, until the pod's container stops."""
-        yield text.encode()
+    async def _follow(self, pod: dict, container: str, text: str, stamps: bool, lines: list, sent: int):
+        """``logs -f``: what is there, then lines appended after ``sent``, until the pod's container stops."""
         uid = pod["metadata"]["uid"]
         sim = self.ctl.sims[uid]
-        lines = sim.logs.setdefault(container, [])
-        sent = len(lines)
+        yield text.encode()
         while not self.state.stopping.is_set():
             current = self.store.get(R.PODS, pod["metadata"]["namespace"], pod["metadata"]["name"])
             if current is None or current["metadata"]["uid"] != uid or sim.logs.get(container) is not lines:
