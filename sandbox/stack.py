@@ -248,8 +248,8 @@ class Stack:
         say(f"starting Prefect server (SQLite) on {self.ui_url} ...")
         server = ChildProcess.spawn(
             "prefect-server",
-            [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
-             "--port", str(port), "--analytics-off"],
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+             "--analytics-off"],
             env=env, log_path=self.state_dir / "prefect-server.log", cwd=PROJECT_ROOT,
         )
         self._children.append(server)
