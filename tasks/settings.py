@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     runs_table: str = Field("runs", description="Table of runs.")
     steps_table: str = Field("steps", description="Table of steps.")
     runs_batch_size: int = Field(
-        1000, ge=1, le=10000, description="Rows per page when finding stuck runs and per UPDATE when failing them."
+        10000, ge=1, le=30000, description="Rows per page when finding stuck runs and per UPDATE when failing them."
     )
 
     # --- Kubernetes ---
