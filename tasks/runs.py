@@ -360,8 +360,8 @@ def fail_runs(
 
     Each UPDATE re-checks ``status = 'running'`` (and ``started_at < cutoff`` when a cutoff is given), so a run
     that completed after it was found is never touched; the result says exactly which runs changed.
-    Ids are taken in sorted order: rows are locked in one global order (two concurrent sweeps cannot
-    deadlock) and the primary-key index is walked in order.
+    Ids are taken in sorted order, so batches are deterministic and the primary-key index is walked in order;
+    a concurrent fail of the same runs waits on the row lock and then skips them (they are no longer running).
     """
     ids = sorted(set(run_ids))
     if not ids:
