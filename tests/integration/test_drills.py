@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 
 import httpx
 import pytest
@@ -92,7 +93,13 @@ def test_mcp_drill_restarts_the_server_and_tool_steps_work_again(stack: Stack) -
     assert httpx.get(stack.flow_settings.mcp_url, timeout=5).status_code == 200
     assert not stack.services.mcp.down and stack.services.mcp.restarts_seen >= 1
     assert result.steps.lost == 0
-    assert result.steps.failed == result.checks["tool_steps_failed_during_outage"]  # only the outage's tool steps
+    # failures are the outage's tool steps, recorded with their error; none of the other steps failed
+    steps = tables(stack.flow_settings).steps
+    with db_engine(stack.flow_settings).connect() as conn:
+        failed = conn.execute(sa.select(steps.c.kind, steps.c.error).where(
+            steps.c.status == "failed", steps.c.completed_at >= datetime.fromisoformat(result.fault_at))).all()
+    assert len(failed) >= result.checks["tool_steps_failed_during_outage"]
+    assert {(kind, (error or {}).get("code")) for kind, error in failed} == {("tool", "MCP_UNAVAILABLE")}
 
 
 def test_accounting_counts_a_step_held_by_a_consumer_without_pod_as_lost(stack: Stack) -> None:
