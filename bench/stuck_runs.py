@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             found = runs.find_stuck_runs(settings=project, cutoff=cutoff)
             t1 = time.perf_counter()
-            failed = runs.fail_runs(settings=project, run_ids=[r.id for r in found], cutoff=cutoff)
+            failed = runs.fail_runs(settings=project, run_ids=found, cutoff=cutoff)
             t2 = time.perf_counter()
             return t1 - t0, t2 - t0, failed.changed
 

@@ -154,7 +154,7 @@ def stuck_runs_sweep(
     found = find_stuck_runs_task(settings=settings, cutoff=cutoff, limit=max_runs + 1)
     more = len(found) > max_runs
     found = found[:max_runs]
-    run_ids = [r.id for r in found]
+    run_ids = found
     steps = find_unfinished_steps_task(settings=settings, run_ids=run_ids) if run_ids else {}
     step_ids = [s.id for run_steps in steps.values() for s in run_steps]
     locations = locate_steps_task(settings=settings, step_ids=step_ids) if step_ids else {}

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, TypedDict
 
 import sqlalchemy as sa
 from prefect import task
@@ -198,13 +198,6 @@ class RunRow(BaseModel):
     error: Any = None
 
 
-class StuckRun(NamedTuple):
-    """A run found stuck (status ``running``): a plain tuple, since one sweep may find tens of thousands."""
-
-    id: str
-    started_at: datetime
-
-
 class StepRow(BaseModel):
     """One step of a run."""
 
@@ -273,14 +266,15 @@ def stuck_runs_query(
     return stmt
 
 
-def find_stuck_runs(*, settings: Settings, cutoff: datetime, limit: int | None = None) -> list[StuckRun]:
-    """Runs ``running`` since before ``cutoff``, oldest first, at most ``limit``.
+def find_stuck_runs(*, settings: Settings, cutoff: datetime, limit: int | None = None) -> list[str]:
+    """Ids of the runs ``running`` since before ``cutoff``, oldest first, at most ``limit``.
 
     Keyset-paged on (started_at, id) in pages of ``runs_batch_size``, each page an index-only range scan of
-    the (status, started_at, id) index: cost grows with the stuck runs returned, not with the table.
+    the (status, started_at, id) index: cost grows with the stuck runs returned, not with the table. Only
+    ids are kept (a sweep may find tens of thousands); ``read_runs`` gives the full rows when needed.
     """
     page = settings.runs_batch_size
-    found: list[StuckRun] = []
+    found: list[str] = []
     last: tuple[datetime, str] | None = None
     engine = db_engine(settings)
     # autocommit: each page is its own short statement (no snapshot or locks held between pages, and no
@@ -290,7 +284,7 @@ def find_stuck_runs(*, settings: Settings, cutoff: datetime, limit: int | None =
             size = page if limit is None else min(page, limit - len(found))
             stmt = stuck_runs_query(settings=settings, cutoff=cutoff, after=last).limit(size)
             rows = conn.execute(stmt).all()
-            found += map(StuckRun._make, rows)
+            found += [row[0] for row in rows]
             if len(rows) < size:
                 break
             last = (rows[-1][1], rows[-1][0])

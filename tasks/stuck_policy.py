@@ -25,7 +25,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from tasks.queue import StepLocation
-from tasks.runs import RunRow, StepRow, StuckRun
+from tasks.runs import RunRow, StepRow
 
 Action = Literal["auto", "fail", "retry"]
 DEFAULT_MIN_IDLE_MS = 300_000
@@ -125,7 +125,7 @@ def decide_step(
 
 def decide(
     *,
-    runs: Sequence[StuckRun | RunRow],
+    runs: Sequence[str | RunRow],
     steps: Mapping[str, Sequence[StepRow]],
     locations: Mapping[str, StepLocation],
     action: Action = "auto",
@@ -133,7 +133,7 @@ def decide(
     min_idle_ms: int = DEFAULT_MIN_IDLE_MS,
     live_consumers: Collection[str] | None = None,
 ) -> list[RunDecision]:
-    """One decision per stuck run, in the order given (see the module docstring for the rules)."""
+    """One decision per stuck run (given as ids or rows), in the order given (see the module docstring)."""
     if action not in ("auto", "fail", "retry"):
         raise ValueError(f"unknown action {action!r}: expected auto, fail or retry")
     if max_step_retries < 0 or min_idle_ms < 0:
@@ -141,16 +141,17 @@ def decide(
     live = set(live_consumers) if live_consumers is not None else None
     decisions: list[RunDecision] = []
     for run in runs:
-        run_steps = list(steps.get(run.id, ()))
+        run_id = run if isinstance(run, str) else run.id
+        run_steps = list(steps.get(run_id, ()))
         if not run_steps:
             if action == "retry":
                 decisions.append(
-                    RunDecision(run_id=run.id, decision=Decision.LEAVE, reason="no unfinished step to retry")
+                    RunDecision(run_id=run_id, decision=Decision.LEAVE, reason="no unfinished step to retry")
                 )
             else:
                 decisions.append(
                     RunDecision(
-                        run_id=run.id,
+                        run_id=run_id,
                         decision=Decision.FAIL,
                         reason="no unfinished step: nothing will finish it",
                     )
@@ -180,7 +181,7 @@ def decide(
         )
         decisions.append(
             RunDecision(
-                run_id=run.id, decision=chosen.decision, reason=reason, retry_steps=retry, steps=per_step
+                run_id=run_id, decision=chosen.decision, reason=reason, retry_steps=retry, steps=per_step
             )
         )
     return decisions

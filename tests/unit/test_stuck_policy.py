@@ -113,6 +113,11 @@ def test_bad_input_is_refused():
         decide(runs=[], steps={}, locations={}, max_step_retries=-1)
 
 
+def test_runs_may_be_given_as_ids_or_rows():
+    out = decide(runs=["r1", run("r2")], steps={}, locations={})
+    assert [(d.run_id, d.decision) for d in out] == [("r1", Decision.FAIL), ("r2", Decision.FAIL)]
+
+
 def test_owner_without_consumer_is_not_live():
     assert not owner_is_live(consumer=None, idle_ms=0, live_consumers=None, min_idle_ms=10)
 
