@@ -4,7 +4,7 @@
 """
 
 from sandbox.kube.cluster import NAMESPACE, SandboxCluster, SandboxError
-from sandbox.kube.controllers import Timing
 from sandbox.kube.server import RecordedRequest
+from sandbox.kube.timing import Timing
 
 __all__ = ["NAMESPACE", "RecordedRequest", "SandboxCluster", "SandboxError", "Timing"]

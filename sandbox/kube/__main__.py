@@ -7,7 +7,7 @@ import signal
 import threading
 
 from sandbox.kube.cluster import SandboxCluster
-from sandbox.kube.controllers import Timing
+from sandbox.kube.timing import Timing
 
 
 def main(argv: list[str] | None = None) -> int:

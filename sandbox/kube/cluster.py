@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 import uvicorn
 
 from sandbox.kube import resources as R
-from sandbox.kube.controllers import NODE_IP, NODE_NAME, Controller, Timing
+from sandbox.kube.controllers import Controller
+from sandbox.kube.kubelet import NODE_IP, NODE_NAME
 from sandbox.kube.selectors import make_filter, parse_label_selector
 from sandbox.kube.server import ApiState, FaultRule, KubeApp, RecordedRequest, default_workload
 from sandbox.kube.store import Store, now_iso, now_iso_micro
+from sandbox.kube.timing import Timing
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from sandbox.kube import resources as R
-from sandbox.kube.controllers import Controller, is_pod_ready
+from sandbox.kube.controllers import Controller
+from sandbox.kube.kubelet import is_pod_ready
 from sandbox.kube.patch import APPLY, PatchError, apply_patch
 from sandbox.kube.resources import Resource
 from sandbox.kube.selectors import (
