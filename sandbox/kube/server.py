@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import logging
@@ -28,8 +27,9 @@ from sandbox.kube.selectors import (
     selector_from_match_labels,
     selector_string,
 )
-from sandbox.kube.store import Store, StoreError, WatchEvent, not_found, now_iso
+from sandbox.kube.store import Store, StoreError, not_found, now_iso, status_body
 from sandbox.kube.tables import parse_time, table
+from sandbox.kube.watch import open_watch
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,6 @@ def parse_api_path(path: str) -> Route | None:
 
 def truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("true", "1", "yes")
-
-
-def status_body(code: int, reason: str, message: str, details: dict | None = None) -> dict:
-    body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}
-    if details:
-        body["details"] = details
-    return body
 
 
 def status_response(code: int, reason: str, message: str, details: dict | None = None,
@@ -380,107 +372,17 @@ class KubeApp:
         return JSONResponse({"kind": f"{res.kind}List", "apiVersion": res.api_version, "metadata": meta, "items": items})
 
     def _watch(self, request: Request, res: Resource, namespace: str | None, query: dict) -> Response:
-        predicate = self._filter(res, query)
-        timeout = float(query.get("timeoutSeconds") or self.ctl.timing.watch_timeout)
-        bookmarks = truthy(query.get("allowWatchBookmarks"))
-        as_table = self._wants_table(request)
-        since = query.get("resourceVersion") or ""
-        send_initial = truthy(query.get("sendInitialEvents"))
-        store = self.store
-
-        def obj_of(o: dict) -> dict:
-            if as_table:
-                return table(res.key, [o], resource_version=o["metadata"]["resourceVersion"])
-            return o
-
-        def line(etype: str, obj: dict) -> bytes:
-            return json.dumps({"type": etype, "object": obj}, separators=(",", ":")).encode() + b"\n"
-
-        with store.lock:
-            epoch = store.epoch
-            initial: list[bytes] = []
-            if since in ("", "0") or send_initial:
-                for o in store.list(res, namespace):
-                    if predicate(o):
-                        initial.append(line("ADDED", obj_of(o)))
-                cursor = store.rv
-                if send_initial and bookmarks:
-                    initial.append(line("BOOKMARK", {
-                        "kind": res.kind, "apiVersion": res.api_version,
-                        "metadata": {"resourceVersion": str(cursor),
-                                     "annotations": {"k8s.io/initial-events-end": "true"}},
-                    }))
-            else:
-                try:
-                    cursor = int(since)
-                except ValueError as e:
-                    raise ApiError(400, "BadRequest", f"invalid resource version {since!r}") from e
-                if cursor < store.compacted_rv:
-                    expired = status_body(410, "Expired", f"too old resource version: {cursor} ({store.rv})")
-                    initial.append(line("ERROR", expired))
-                    cursor = -1
-
-        def translate(ev: WatchEvent) -> tuple[str, dict] | None:
-            if ev.resource != res.key:
-                return None
-            ns = ev.new["metadata"].get("namespace")
-            if namespace is not None and ns != namespace:
-                return None
-            new_ok = ev.type != "DELETED" and predicate(ev.new)
-            old_ok = ev.old is not None and predicate(ev.old)
-            if ev.type == "DELETED":
-                return ("DELETED", ev.new) if predicate(ev.new) or old_ok else None
-            if new_ok and old_ok:
-                return "MODIFIED", ev.new
-            if new_ok:
-                return "ADDED", ev.new
-            if old_ok:
-                return "DELETED", ev.new
-            return None
-
-        async def stream():
-            nonlocal cursor
-            loop = asyncio.get_running_loop()
-            wake = asyncio.Event()
-            store.add_waiter(loop, wake)
-            try:
-                for chunk in initial:
-                    yield chunk
-                if cursor < 0:
-                    return
-                deadline = time.monotonic() + timeout
-                next_bookmark = time.monotonic() + self.ctl.timing.bookmark_interval
-                while not self.state.stopping.is_set() and store.epoch == epoch:
-                    wake.clear()
-                    try:
-                        events, current = store.events_after(cursor)
-                    except StoreError as e:
-                        yield line("ERROR", status_body(e.code, e.reason, e.message))
-                        return
-                    out = []
-                    for ev in events:
-                        translated = translate(ev)
-                        if translated:
-                            out.append(line(translated[0], obj_of(translated[1])))
-                    cursor = current
-                    if out:
-                        yield b"".join(out)
-                    now = time.monotonic()
-                    if now >= deadline:
-                        return
-                    if bookmarks and now >= next_bookmark:
-                        yield line("BOOKMARK", {"kind": res.kind, "apiVersion": res.api_version,
-                                                "metadata": {"resourceVersion": str(cursor)}})
-                        next_bookmark = now + self.ctl.timing.bookmark_interval
-                    wait = deadline - now
-                    if bookmarks:
-                        wait = min(wait, max(0.0, next_bookmark - now))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), timeout=min(wait, 0.5))
-            finally:
-                store.remove_waiter(loop, wake)
-
-        return StreamingResponse(stream(), media_type="application/json")
+        stream = open_watch(
+            self.store, res, namespace, self._filter(res, query),
+            since=query.get("resourceVersion") or "",
+            send_initial=truthy(query.get("sendInitialEvents")),
+            bookmarks=truthy(query.get("allowWatchBookmarks")),
+            as_table=self._wants_table(request),
+            timeout=float(query.get("timeoutSeconds") or self.ctl.timing.watch_timeout),
+            bookmark_interval=self.ctl.timing.bookmark_interval,
+            stopping=self.state.stopping,
+        )
+        return StreamingResponse(stream, media_type="application/json")
 
     def _dry_run(self, query: dict) -> bool:
         return bool(query.get("dryRun"))

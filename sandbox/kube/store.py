@@ -40,6 +40,15 @@ class StoreError(Exception):
         self.details = details or {}
 
 
+def status_body(code: int, reason: str, message: str, details: dict | None = None) -> dict:
+    """A failure `kind: Status` as the API server returns it (errors, and watch ERROR events)."""
+    body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+    if details:
+        body["details"] = details
+    return body
+
+
 @dataclass(frozen=True)
 class WatchEvent:
     rv: int
