@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", type=float, default=5.0, help="steady load, steps per second")
     p.add_argument("--state-dir", default=".fd-demo", help="recreated on every start")
     args = p.parse_args(argv)
+    if not 1 <= args.held <= 50:
+        p.error("--held must be between 1 and 50 (a sandbox worker reads at most 50 steps at once)")
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
