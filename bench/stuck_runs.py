@@ -60,12 +60,16 @@ def _build(engine: sa.Engine, table: str, *, n: int, stuck: int) -> None:
         conn.execute(sa.text(f"VACUUM ANALYZE {table}"))
 
 
-def _settle(engine: sa.Engine, tables: tuple[str, ...]) -> None:
-    """Same start for both copies: vacuumed, analysed, and every page in the OS cache."""
+def _settle(engine: sa.Engine, tables: tuple[str, ...], *, checkpoint: bool) -> None:
+    """Same start for each side: both copies vacuumed, analysed and in the OS cache; with ``checkpoint``, the
+    WAL checkpointed too, so no side pays for a checkpoint the other one caused (each pays its full-page
+    images instead, as a sweep right after a checkpoint would)."""
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_prewarm"))
         for table in tables:
             conn.execute(sa.text(f"VACUUM ANALYZE {table}"))
+        if checkpoint:
+            conn.execute(sa.text("CHECKPOINT"))
             for rel in _relations(table):
                 conn.execute(sa.text("SELECT pg_prewarm(:rel, 'read')"), {"rel": rel})
 
@@ -100,7 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--batch-size", type=int, default=None, help="runs_batch_size (default: the setting's)"
     )
     parser.add_argument("--older-than-minutes", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds on the same copies (median reported)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds on the same copies (median reported)")
+    parser.add_argument(
+        "--no-checkpoint", dest="checkpoint", action="store_false", help="do not CHECKPOINT before each side"
+    )
     args = parser.parse_args(argv)
     if not 0 < args.stuck <= args.runs:
         parser.error("need 0 < --stuck <= --runs")
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
         def run_project() -> tuple[float, float, list[str]]:
-            _settle(engine, (project.runs_table, raw.runs_table))
+            _settle(engine, (project.runs_table, raw.runs_table), checkpoint=args.checkpoint)
             _into_buffers(engine, project.runs_table)
             cutoff = datetime.now(UTC) - timedelta(minutes=args.older_than_minutes)
             t0 = time.perf_counter()
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
             return t1 - t0, t2 - t0, failed.changed
 
         def run_raw() -> tuple[float, list[str]]:
-            _settle(engine, (project.runs_table, raw.runs_table))
+            _settle(engine, (project.runs_table, raw.runs_table), checkpoint=args.checkpoint)
             _into_buffers(engine, raw.runs_table)
             cutoff = datetime.now(UTC) - timedelta(minutes=args.older_than_minutes)
             t0 = time.perf_counter()
@@ -187,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
             "raw_s": round(raw_s, 4),
             "slowdown_vs_raw": round(project_s / raw_s, 3),
             "rounds": args.rounds,
+            "checkpoint_before_each_side": args.checkpoint,
             "batch_size": project.runs_batch_size,
             "build_s": round(build_s, 1),
         }
