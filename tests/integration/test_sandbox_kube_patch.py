@@ -1,12 +1,15 @@
-"""The sandbox server's pure parts: the three patch flavours, selectors and the AGE format (no server)."""
+"""The sandbox server's pure parts: patch flavours, selectors, filtered-watch translation, AGE (no server)."""
 
 from __future__ import annotations
 
 import pytest
 
 from sandbox.kube.patch import PatchError, apply_patch, json_patch, merge_patch, strategic_merge
+from sandbox.kube.resources import DEPLOYMENTS, PODS
 from sandbox.kube.selectors import SelectorError, labels_match, parse_field_selector, parse_label_selector
+from sandbox.kube.store import WatchEvent
 from sandbox.kube.tables import human_duration, pod_status_text
+from sandbox.kube.watch import translate
 
 DEPLOY = {
     "metadata": {"name": "worker", "labels": {"app": "worker"}},
@@ -107,3 +110,28 @@ def test_age_and_pod_status_like_kubectl():
     pod = {"metadata": {"deletionTimestamp": "2026-11-27T21:00:00Z"},
            "status": {"phase": "Running", "containerStatuses": [{"restartCount": 2, "ready": True, "state": {"running": {}}}]}}
     assert pod_status_text(pod)[:3] == ("Terminating", 1, 2)
+
+
+def _pod(app: str, ns: str = "ferrumdeck") -> dict:
+    return {"metadata": {"name": "p", "namespace": ns, "labels": {"app": app}}}
+
+
+@pytest.mark.parametrize(
+    ("kind", "old", "new", "expected"),
+    [
+        ("MODIFIED", "worker", "worker", "MODIFIED"),
+        ("MODIFIED", "worker", "quarantine", "DELETED"),  # left the selector
+        ("MODIFIED", "quarantine", "worker", "ADDED"),  # entered it
+        ("MODIFIED", "mcp", "other", None),
+        ("ADDED", None, "worker", "ADDED"),
+        ("DELETED", "worker", "worker", "DELETED"),
+        ("DELETED", "mcp", "mcp", None),
+    ],
+)
+def test_filtered_watch_translation(kind, old, new, expected):
+    predicate = lambda obj: obj["metadata"]["labels"]["app"] == "worker"  # noqa: E731
+    ev = WatchEvent(rv=7, resource=PODS.key, type=kind, old=_pod(old) if old else None, new=_pod(new))
+    got = translate(ev, PODS, "ferrumdeck", predicate)
+    assert (got[0] if got else None) == expected
+    assert translate(ev, DEPLOYMENTS, "ferrumdeck", predicate) is None  # another resource
+    assert translate(ev, PODS, "elsewhere", predicate) is None  # another namespace
