@@ -7,6 +7,7 @@ One stack for the module (starting it costs ~30-60 s on 2 cores); every wait pol
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -27,7 +28,7 @@ from sandbox.drills import (
     step_rows,
     table,
 )
-from sandbox.stack import Stack, StackError
+from sandbox.stack import Stack, StackError, wait_until
 from tasks.connections import db_engine
 from tasks.runs import tables
 
@@ -151,3 +152,35 @@ def test_a_foreign_non_empty_directory_is_never_wiped(tmp_path) -> None:
     with pytest.raises(StackError, match="refusing"):
         Stack.start(state_dir=tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.skipif(
+    shutil.which("prometheus-alertmanager") is None and shutil.which("alertmanager") is None,
+    reason="Alertmanager not installed (Debian: apt-get install prometheus-alertmanager; .ci/run installs it)",
+)
+def test_an_alert_posted_to_real_alertmanager_recovers_the_crashed_pod(stack: Stack, tmp_path) -> None:
+    """The whole alert path: Alertmanager's API -> its webhook -> the bridge -> Prefect event -> the
+    prefect.yaml trigger -> `worker-crash-recovery` in the runner -> DELETE of the pod at the cluster API."""
+    from tests.e2e.test_alertmanager import Alertmanager
+
+    services, cluster = stack.services, stack.services.cluster
+    [pod, *_] = services.wait_for_workers(3, timeout_s=60)
+    services.crash(pod)
+    start = len(cluster.requests)
+    am = Alertmanager(workdir=tmp_path, bridge_url=stack.bridge.url, token=stack.bridge_token)
+    try:
+        am.wait_ready()
+        am.post_alert({"alertname": "WorkerCrashLooping", "pod": pod, "namespace": "ferrumdeck"})
+        wait_until(
+            lambda: any(r.name == pod and r.resource == "pods" and (r.verb == "delete" or r.subresource == "eviction")
+                        for r in cluster.requests[start:]),
+            timeout_s=180, what=f"the recovery's DELETE of {pod}",
+        )
+    finally:
+        am.stop()
+    wait_until(lambda: pod not in worker_pod_names(stack) and len(services.ready_worker_pods()) >= 3,
+               timeout_s=120, what=f"a Ready replacement of {pod}")
+    # nothing is left pending under the crashed pod's consumer: its entries were recovered
+    s = stack.flow_settings
+    holding = {c["name"] for c in stack.services.redis.xinfo_consumers(s.stream, s.group) if c["pending"]}
+    assert pod not in holding
