@@ -12,6 +12,7 @@ from typing import Annotated
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field, ValidationError
 
+from flows._ui import describe_parameters
 from tasks.events import emit_recovery_event
 from tasks.guard import refuse_if_paused
 from tasks.queue import (
@@ -61,6 +62,7 @@ def build_filter(
     flow_run_name="dlq-replay max={max_entries} dry_run={dry_run}",
     description=__doc__,
 )
+@describe_parameters
 def dlq_replay(
     ids: Annotated[
         list[str] | None, Field(max_length=100_000, description="DLQ entry ids to replay.")

@@ -17,6 +17,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import BaseModel, Field
 
+from flows._ui import describe_parameters
 from tasks import runs
 from tasks.alerting import check_alerting
 from tasks.correlate import ChecklistItem, no_stuck_runs, queue_depth_ok, workers_ready_and_consuming
@@ -66,6 +67,7 @@ def human_items(answer: HumanChecklist | None, *, asked: bool) -> list[Checklist
 
 
 @flow(name=FLOW_NAME, flow_run_name="post-recovery check")
+@describe_parameters
 def post_recovery_check(
     interactive: Annotated[
         bool, Field(description="Ask the two human items (root cause, prevention) through a form in the UI.")

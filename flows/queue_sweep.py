@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field, ValidationError
 
+from flows._ui import describe_parameters
 from tasks.events import emit_recovery_event
 from tasks.guard import refuse_if_paused
 from tasks.queue import (
@@ -71,6 +72,7 @@ def build_policy(
     flow_run_name="queue-sweep {strategy} idle>={min_idle_ms}ms dry_run={dry_run}",
     description=__doc__,
 )
+@describe_parameters
 def queue_sweep(
     min_idle_ms: Annotated[
         int,

@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from flows._ui import describe_parameters
 from tasks import runs
 from tasks.correlate import PlanStep, TriageObservation, plan_triage
 from tasks.probes import check_mcp_health
@@ -106,6 +107,7 @@ def _summary(value: Any) -> str:
 
 
 @flow(name=FLOW_NAME, flow_run_name=_run_name)
+@describe_parameters
 def worker_failure_triage(
     dry_run: Annotated[bool, Field(description="Only publish the plan; run nothing.")] = True,
     alertname: Annotated[str | None, Field(max_length=200, description="The alert that started this, if any.")] = None,

@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from flows._ui import describe_parameters
 from tasks import kube, queue
 from tasks.correlate import CrashTarget, decide_crash, poison_entries, root_cause
 from tasks.events import emit_recovery_event
@@ -67,6 +68,7 @@ class CrashRecoveryResult(BaseModel):
 
 
 @flow(name=FLOW_NAME, flow_run_name=_run_name, log_prints=False)
+@describe_parameters
 def worker_crash_recovery(
     pod: Annotated[
         str | None,

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from flows._ui import describe_parameters
 from tasks import kube, queue
 from tasks.correlate import HangDecision, Sample, decide_hang, lag_falling
 from tasks.events import emit_recovery_event
@@ -64,6 +65,7 @@ def take_samples(*, settings, count: int, interval_s: float) -> list[Sample]:
 
 
 @flow(name=FLOW_NAME, flow_run_name=_run_name)
+@describe_parameters
 def worker_hang_recovery(
     pod: Annotated[
         str | None, Field(max_length=253, description="Worker pod suspected hung (e.g. from the alert); empty = all.")

@@ -73,3 +73,12 @@ def test_alerts_route_to_their_flows():
         "ferrumdeck.alert.RunsStuck": "stuck-runs-sweep",
         "ferrumdeck.alert.*": "worker-failure-triage",
     }
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s["name"] for s in SPECS])
+def test_the_ui_form_describes_every_parameter(spec):
+    from prefect.utilities.callables import parameter_schema
+
+    properties = parameter_schema(_flow(spec)).model_dump()["properties"]
+    assert properties
+    assert [name for name, p in properties.items() if not p.get("description")] == []
