@@ -106,7 +106,7 @@ def post_recovery_check(
         workers_ready_and_consuming(links=view.links, desired=None, max_consumer_idle_ms=idle,
                                     lag=int(snap.lag or 0)),
         queue_depth_ok(lag=int(snap.lag or 0), pending=snap.pending, length=snap.length, max_depth=depth),
-        no_stuck_runs(stuck=[r.id for r in stuck], older_than_minutes=stuck_older_than_minutes),
+        no_stuck_runs(stuck=stuck, older_than_minutes=stuck_older_than_minutes),
         ChecklistItem(item="Alerting confirmed working", ok=alert_status.ok, evidence=alert_status.evidence),
     ]
     answer: HumanChecklist | None = None
