@@ -34,7 +34,14 @@ class ServedApp:
 
 
 def serve_app(
-    app, *, host: str = "127.0.0.1", port: int = 0, name: str = "app", timeout_s: float = 10.0, lifespan: str = "off"
+    app,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    name: str = "app",
+    timeout_s: float = 10.0,
+    lifespan: str = "off",
+    **uvicorn_options: object,
 ) -> ServedApp:
     """Start ``app`` on ``host:port`` (0 = a free port) and return once it accepts connections."""
     # proto IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only then (else ~40 ms Nagle stalls per request)
@@ -42,7 +49,8 @@ def serve_app(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan=lifespan, timeout_keep_alive=30)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan=lifespan, timeout_keep_alive=30,
+                            **uvicorn_options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"sandbox-{name}", daemon=True)
     thread.start()

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import dataclasses
 import logging
-import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import uvicorn
-
+from sandbox.http_server import ServedApp, ServeError, serve_app
 from sandbox.kube import resources as R
 from sandbox.kube.controllers import Controller
 from sandbox.kube.kubelet import NODE_IP, NODE_NAME
@@ -122,8 +118,7 @@ class SandboxCluster:
         self.url = ""
         self.port = 0
         self.kubeconfig = ""
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._served: ServedApp | None = None
         self._tmpdir: tempfile.TemporaryDirectory | None = None
 
     # --- lifecycle ---
@@ -142,35 +137,21 @@ class SandboxCluster:
         return cluster
 
     def _serve(self, host: str, port: int) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
+        try:
+            self._served = serve_app(self.app, host=host, port=port, name=f"kube-{port}", timeout_s=10,
+                                     timeout_graceful_shutdown=1, http="h11")
+        except ServeError as e:
+            raise SandboxError(f"sandbox API server did not start on {host}:{port}") from e
+        self.port = self._served.port
+        self.url = self._served.url
         self.state.server_address = f"{host}:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=1, http="h11")
-        self._server = uvicorn.Server(config)
-
-        def run() -> None:
-            asyncio.run(self._server.serve(sockets=[sock]))
-
-        self._thread = threading.Thread(target=run, name=f"sandbox-kube-{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise SandboxError(f"sandbox API server did not start on {self.url}")
-            time.sleep(0.01)  # poll
 
     def stop(self) -> None:
         """Close every watch, stop serving and stop the controller (idempotent)."""
         self.state.stopping.set()
         self.store.wake_watchers()
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._served is not None:
+            self._served.stop(timeout_s=5)
         self.controller.stop()
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
