@@ -46,12 +46,14 @@ def enqueue_steps(
     n: int,
     payload: dict[str, Any] | None = None,
     tool_every: int = 0,
+    first_index: int = 0,
     agent_version_id: str = "agv_sandbox",
 ) -> list[EnqueuedStep]:
     """Create ``n`` queued runs of one step each, then XADD the steps; returns what was added.
 
     Steps are ``llm`` steps unless ``payload`` says otherwise; with ``tool_every`` k > 0, every k-th is a
-    ``tool`` step (an MCP call). Rows first, then the stream, so a worker never meets a step without rows.
+    ``tool`` step (an MCP call), counting from ``first_index`` so a steady load of small batches still
+    mixes them in. Rows first, then the stream, so a worker never meets a step without rows.
     """
     if n < 1:
         raise ValueError("n must be >= 1")
@@ -65,7 +67,7 @@ def enqueue_steps(
         rows: list[tuple[str, str, str]] = []  # run_id, step_id, payload text
         for i, suffix in enumerate(_ids(size)):
             body = dict(base)
-            if tool_every and (start + i) % tool_every == tool_every - 1:
+            if tool_every and (first_index + start + i) % tool_every == tool_every - 1:
                 body["kind"] = "tool"
             body.setdefault("kind", "llm")
             rows.append((f"run_{suffix}", f"step_{suffix}", json.dumps(body, separators=(",", ":"))))
@@ -138,6 +140,7 @@ class LoadGenerator:
                     n=n,
                     payload=self.payload,
                     tool_every=self.tool_every,
+                    first_index=self.created,
                 )
                 self.created += n
             except Exception as e:  # keep generating: a sandbox database hiccup must not end the demo's load
