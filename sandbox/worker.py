@@ -113,14 +113,13 @@ class StepBook:
                 status = "failed" if error else "completed"
                 step_ids = [o.step.step_id for o in group]
                 run_ids = list(dict.fromkeys(o.step.run_id for o in group))
-                err = error if error is not None else sa.null()  # SQL NULL, not the JSON value null
                 conn.execute(
-                    sa.update(s).where(s.c.id.in_(step_ids)).values(status=status, error=err, completed_at=now)
+                    sa.update(s).where(s.c.id.in_(step_ids)).values(status=status, error=error, completed_at=now)
                 )
                 conn.execute(
                     sa.update(r)
                     .where(r.c.id.in_(run_ids), r.c.status == "running")
-                    .values(status=status, error=err, completed_at=now)
+                    .values(status=status, error=error, completed_at=now)
                 )
 
 

@@ -66,7 +66,8 @@ class UTCDateTime(sa.types.TypeDecorator):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-JSONDoc = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+# none_as_null: a Python None is SQL NULL ("no error"), never the JSON value null
+JSONDoc = sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 
 
 @dataclass(frozen=True)

@@ -308,3 +308,14 @@ def test_permanent_errors_are_not_retried(runs_settings, mocker):
         _fail_in_a_flow(runs_settings, ["run_s0"])
     assert seen["raised"] == 1 and not isinstance(info.value, runs.RunsTemporaryError)
     assert statuses(runs_settings)["run_s0"] == "running"
+
+
+def test_a_step_finished_without_error_stores_sql_null_not_json_null(runs_settings):
+    runs.record_step_running(settings=runs_settings, run_id="run_ok", step_id="step_ok", kind="llm")
+    runs.record_step_finished(settings=runs_settings, run_id="run_ok", step_id="step_ok", status="completed")
+    t = runs.tables(runs_settings)
+    with db_engine(runs_settings).connect() as conn:
+        null_errors = conn.execute(
+            sa.select(sa.func.count()).select_from(t.steps).where(t.steps.c.id == "step_ok", t.steps.c.error.is_(None))
+        ).scalar_one()
+    assert null_errors == 1
