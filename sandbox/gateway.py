@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import socket
-import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
-import uvicorn
 from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from sandbox.http_server import ServedApp, serve_app
 from tasks import runs
 from tasks.connections import redis_client
 from tasks.gateway import InvalidIdError, validate_id
@@ -135,15 +132,12 @@ class GatewayServer:
         port: int = 0,
     ):
         self.app = create_app(settings=settings, api_key=api_key)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self.host, self.port = self._sock.getsockname()[:2]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
+        self.host, self._port = host, port
+        self._served: ServedApp | None = None
+
+    @property
+    def port(self) -> int:
+        return self._served.port if self._served else self._port
 
     @property
     def url(self) -> str:
@@ -158,18 +152,12 @@ class GatewayServer:
         self.app.state.faults.extend(Fault(status=status, retry_after=retry_after) for _ in range(times))
 
     def start(self, *, timeout_s: float = 10.0) -> GatewayServer:
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("sandbox gateway did not start")
-            time.sleep(0.01)  # poll
+        self._served = serve_app(self.app, host=self.host, port=self._port, name="gateway", timeout_s=timeout_s)
         return self
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._sock.close()
+        if self._served is not None:
+            self._served.stop(timeout_s=10)
 
     def __enter__(self) -> GatewayServer:
         return self.start()
@@ -195,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     server.start()
     print(f"sandbox gateway on {server.url}", flush=True)
     try:
-        server._thread.join()
+        server._served.thread.join()
     except KeyboardInterrupt:
         server.stop()
 
