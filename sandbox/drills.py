@@ -28,6 +28,7 @@ import httpx
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
+from sandbox.stack import StackError, wait_until
 from tasks.connections import db_engine
 from tasks.runs import tables
 
@@ -94,14 +95,11 @@ def _clock(dt: datetime | None) -> str:
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise DrillError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)  # poll
+    """The stack's poll-with-deadline, failing as a drill error."""
+    try:
+        return wait_until(predicate, timeout_s=timeout_s, what=what, interval_s=interval_s)
+    except StackError as e:
+        raise DrillError(str(e)) from e
 
 
 # ------------------------------------------------------------------------------------------ the alert

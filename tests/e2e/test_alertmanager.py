@@ -19,6 +19,7 @@ from prefect.settings import PREFECT_API_URL
 
 from deployments.bridge import BackgroundBridge, BridgeSettings, PrefectTarget, create_app
 from tests.integration.test_bridge import EventStream
+from tests.polling import wait_for
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 AM_CONFIG = Path(__file__).resolve().parents[2] / "deployments" / "prometheus" / "alertmanager.yaml"
@@ -131,19 +132,12 @@ def events_for_pod(stream: EventStream, pod: str) -> list[dict]:
     return [e for e in list(stream.events) if e["resource"].get("ferrumdeck.label.pod") == pod]
 
 
-def wait_until(predicate, timeout_s: float = 20, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # poll
-    return result
-
 
 def test_alert_posted_to_alertmanager_arrives_in_prefect(alertmanager, stream):
     pod = f"worker-e2e-{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
     alertmanager.post_alert({"alertname": "WorkerCrashLooping", "pod": pod})
-    [event] = wait_until(lambda: events_for_pod(stream, pod), what=f"event for {pod}")
+    [event] = wait_for(lambda: events_for_pod(stream, pod), what=f"event for {pod}")
     elapsed = time.monotonic() - started
     assert event["event"] == "ferrumdeck.alert.firing"
     assert event["resource"]["prefect.resource.id"] == "ferrumdeck.alert.WorkerCrashLooping"
@@ -159,16 +153,16 @@ def test_alert_posted_to_alertmanager_arrives_in_prefect(alertmanager, stream):
 def test_resolved_alert_arrives_as_resolved_event(alertmanager, stream):
     pod = f"worker-e2e-{uuid.uuid4().hex[:6]}"
     alertmanager.post_alert({"alertname": "WorkerHung", "pod": pod})
-    wait_until(lambda: events_for_pod(stream, pod), what="firing event")
+    wait_for(lambda: events_for_pod(stream, pod), what="firing event")
     alertmanager.post_alert({"alertname": "WorkerHung", "pod": pod}, resolved=True)
-    events = wait_until(lambda: len(e := events_for_pod(stream, pod)) >= 2 and e, what="resolved event")
+    events = wait_for(lambda: len(e := events_for_pod(stream, pod)) >= 2 and e, what="resolved event")
     assert [e["event"] for e in events] == ["ferrumdeck.alert.firing", "ferrumdeck.alert.resolved"]
     assert events[0]["resource"]["ferrumdeck.fingerprint"] == events[1]["resource"]["ferrumdeck.fingerprint"]
 
 
 def test_heartbeat_reaches_the_bridge_and_is_not_an_event(alertmanager, bridge, stream):
     alertmanager.post_alert({"alertname": "FerrumDeckHeartbeat", "severity": "none"})
-    beat = wait_until(
+    beat = wait_for(
         lambda: (h := httpx.get(f"{bridge.url}/heartbeat", timeout=5).json())["alertname"] and h,
         what="heartbeat",
     )
@@ -206,7 +200,7 @@ def test_alertmanager_retries_after_503_and_the_alert_arrives_once(stream, tmp_p
         try:
             am.wait_ready()
             am.post_alert({"alertname": "QueueBacklog", "pod": pod})
-            wait_until(lambda: events_for_pod(stream, pod), what="event after retries")
+            wait_for(lambda: events_for_pod(stream, pod), what="event after retries")
         finally:
             am.stop()
     assert flaky.calls >= 3  # two refusals answered 503, Alertmanager retried
@@ -221,7 +215,7 @@ def test_wrong_token_is_refused_and_nothing_arrives(bridge, stream, tmp_path):
         am.wait_ready()
         am.post_alert({"alertname": "WorkerCrashLooping", "pod": pod})
         # Alertmanager logs the 401 (it does not retry 4xx)
-        wait_until(lambda: "401" in (am.log.seek(0) or am.log.read()), what="401 in Alertmanager's log")
+        wait_for(lambda: "401" in (am.log.seek(0) or am.log.read()), what="401 in Alertmanager's log")
     finally:
         am.stop()
     (tmp_path / "good").mkdir()
@@ -229,7 +223,7 @@ def test_wrong_token_is_refused_and_nothing_arrives(bridge, stream, tmp_path):
     try:
         good.wait_ready()
         good.post_alert({"alertname": "WorkerCrashLooping", "pod": marker})
-        wait_until(lambda: events_for_pod(stream, marker), what="marker event")
+        wait_for(lambda: events_for_pod(stream, marker), what="marker event")
     finally:
         good.stop()
     assert events_for_pod(stream, pod) == []

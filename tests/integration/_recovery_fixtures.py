@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +20,7 @@ from pydantic import SecretStr
 from tasks import runs
 from tasks.guard import pod_deletion_budget
 from tasks.settings import Settings, use_settings
+from tests.polling import wait_for
 
 
 def worker_pods(cluster, settings: Settings, *, ready_only: bool = True) -> list[str]:
@@ -189,16 +189,6 @@ class Producer:
             self.added += 1
             self._stop.wait(self.every_s)  # poll
 
-
-def wait_for(predicate, *, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)  # poll
 
 
 def recovery_events(resource_ids: list[str], *, want: set[str], timeout: float = 20.0) -> dict[str, list[dict]]:

@@ -8,7 +8,6 @@ switches the Deployment to the backup, and the rolled-out pods' workers complete
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -22,6 +21,7 @@ from tasks.connections import db_engine
 from tasks.guard import Budget, ensure_budget
 from tasks.runs import drop_schema, llm_failures_by_model, tables
 from tasks.settings import use_settings
+from tests.polling import wait_for
 
 PRIMARY = "openai/gpt-4o"
 BACKUP = "anthropic/claude-sonnet-4-20250514"
@@ -55,16 +55,6 @@ def living(kube_settings, cluster, pg_database_url, monkeypatch):
         svc.stop()
         drop_schema(settings=svc.settings)
 
-
-def wait_for(predicate, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)  # poll
 
 
 def completed_with(settings, model: str, since: datetime) -> int:

@@ -8,9 +8,8 @@ Every wait polls a condition with a deadline.
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,20 +26,10 @@ from tasks.connections import db_engine
 from tasks.queue import recover_consumers
 from tasks.runs import drop_schema, llm_failures_by_model, tables
 from tasks.settings import Settings
+from tests.polling import wait_for
 
 NS = "ferrumdeck"
 
-
-def wait_for(predicate: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)  # poll
 
 
 @pytest.fixture
