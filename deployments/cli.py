@@ -83,12 +83,29 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_serve)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from deployments.demo import main as demo_main
+
+    return demo_main(args.demo_args)
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="the one-command demo: the whole stack, every drill fired as its alert, a recovery table",
+        description="Same as `make demo` / `python -m deployments.demo`; options after `demo` are passed on "
+        "(--short, --keep, --scenarios ...; `fd-recovery demo --help` lists them).",
+        add_help=False,
+    )
+    p.add_argument("demo_args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_demo)
+
+
 # --- other subcommands -------------------------------------------------------------------------------
-# `demo`    (deployments/demo.py):                  add `_add_demo(subparsers)` here and to _REGISTRARS.
 # Each handler imports its own module lazily and returns an exit code.
 # ------------------------------------------------------------------------------------------------------
 
-_REGISTRARS = [_add_bridge, _add_sandbox, _add_serve]
+_REGISTRARS = [_add_bridge, _add_sandbox, _add_serve, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fd-recovery`` console script."""
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.command != "demo":
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "demo":  # everything after `demo` belongs to the demo's own parser
+        args.demo_args = [*args.demo_args, *extra]
     return int(args.handler(args) or 0)
 
 
