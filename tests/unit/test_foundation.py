@@ -68,3 +68,14 @@ def test_min_healthy_workers_rule():
 
 def test_budget_decay_spreads_the_limit_over_the_window():
     assert Budget(name="b", limit=3, per_seconds=3600).slot_decay_per_second == pytest.approx(3 / 3600)
+
+
+def test_readme_lists_every_setting():
+    from pathlib import Path
+
+    from deployments.bridge import BridgeSettings
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [f"FD_{name.upper()}" for name in Settings.model_fields if f"FD_{name.upper()}" not in readme]
+    missing += [f"FD_BRIDGE_{n.upper()}" for n in BridgeSettings.model_fields if f"FD_BRIDGE_{n.upper()}" not in readme]
+    assert missing == []
