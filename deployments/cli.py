@@ -66,7 +66,7 @@ def _add_sandbox(subparsers: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from deployments.serve import serve_all
 
-    serve_all(names=args.only or None, limit=args.limit, poll_seconds=args.poll_seconds)
+    serve_all(names=args.only or None, limit=args.limit, poll_seconds=args.poll_seconds, subprocess=args.subprocess)
     return 0
 
 
@@ -75,11 +75,15 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve every deployment of prefect.yaml (schedules and alert triggers) from this one process",
         description="Register every deployment of prefect.yaml with the Prefect API in PREFECT_API_URL and run "
-        "their flow runs here. Polls for due runs every second (PREFECT_RUNNER_POLL_FREQUENCY overrides).",
+        "their flow runs here: in threads of this process (flows already imported: a run starts within ~0.3 s; "
+        "polls every 0.25 s), or with --subprocess in Prefect's Runner (a fresh process per run: isolated, "
+        "2-4 s to start; polls every second, PREFECT_RUNNER_POLL_FREQUENCY overrides).",
     )
     p.add_argument("--only", nargs="*", metavar="DEPLOYMENT", help="serve only these deployments")
     p.add_argument("--limit", type=int, default=None, help="at most this many flow runs at once")
     p.add_argument("--poll-seconds", type=float, default=None, help="how often to look for due runs")
+    p.add_argument("--subprocess", action="store_true",
+                   help="run each flow run in its own process with Prefect's Runner (isolation, slower start)")
     p.set_defaults(handler=_serve)
 
 

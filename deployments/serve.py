@@ -16,6 +16,7 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
 FAST_POLL_SECONDS = 1
+IN_PROCESS_POLL_SECONDS = 0.25  # one small API query per poll
 
 
 def read_deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
@@ -41,8 +42,8 @@ def _schedules(entries: list[dict[str, Any]] | None) -> list[Any]:
     return schedules
 
 
-def build_runner_deployments(path: Path = PREFECT_YAML, *, names: list[str] | None = None) -> list[Any]:
-    """RunnerDeployments for every (or the named) deployment in prefect.yaml, ready for ``prefect.serve``."""
+def build_served_flows(path: Path = PREFECT_YAML, *, names: list[str] | None = None) -> list[tuple[Any, Any]]:
+    """(RunnerDeployment, Flow) for every (or the named) deployment in prefect.yaml."""
     from prefect.cli.deploy._triggers import _initialize_deployment_triggers
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.flows import load_flow_from_entrypoint
@@ -53,7 +54,7 @@ def build_runner_deployments(path: Path = PREFECT_YAML, *, names: list[str] | No
             continue
         flow = load_flow_from_entrypoint(str(PROJECT_ROOT / spec["entrypoint"]))
         limit = spec.get("concurrency_limit")
-        deployments.append(
+        deployments.append((
             flow.to_deployment(
                 name=spec["name"],
                 description=spec.get("description"),
@@ -62,14 +63,33 @@ def build_runner_deployments(path: Path = PREFECT_YAML, *, names: list[str] | No
                 schedules=_schedules(spec.get("schedules")),
                 triggers=_initialize_deployment_triggers(spec["name"], [dict(t) for t in spec.get("triggers", [])]),
                 concurrency_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit,
-            )
-        )
+            ),
+            flow,
+        ))
     return deployments
 
 
-def serve_all(*, names: list[str] | None = None, limit: int | None = None, poll_seconds: float | None = None) -> None:
-    """Serve the deployments in this process until interrupted; polls for due runs every second by default
-    (Prefect's default of 10 s would add up to 10 s between an alert and its recovery)."""
+def build_runner_deployments(path: Path = PREFECT_YAML, *, names: list[str] | None = None) -> list[Any]:
+    """RunnerDeployments for every (or the named) deployment in prefect.yaml, ready for ``prefect.serve``."""
+    return [deployment for deployment, _ in build_served_flows(path, names=names)]
+
+
+def serve_all(
+    *,
+    names: list[str] | None = None,
+    limit: int | None = None,
+    poll_seconds: float | None = None,
+    subprocess: bool = False,
+) -> None:
+    """Serve the deployments until interrupted. By default flow runs run in this process (already imported,
+    polled every ``IN_PROCESS_POLL_SECONDS``: an alert's run starts in well under a second); ``subprocess``
+    uses Prefect's Runner instead (a fresh process per run: isolation, 2-4 s start; polls every second or
+    ``PREFECT_RUNNER_POLL_FREQUENCY``)."""
+    if not subprocess:
+        from deployments.inprocess_runner import serve_in_process
+
+        serve_in_process(build_served_flows(names=names), limit=limit, poll_seconds=poll_seconds or IN_PROCESS_POLL_SECONDS)
+        return
     from prefect import serve
 
     poll = poll_seconds or float(os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", FAST_POLL_SECONDS))
