@@ -3,6 +3,7 @@
 - ``stuck-runs-sweep``: runs ``running`` for too long, cross-checked with where their steps are in the queue,
   are left alone (a worker is on it, or the queue sweep will requeue it), retried through the gateway, or
   failed with ``WORKER_TIMEOUT`` (see ``tasks.stuck_policy``). At most ``max_runs`` per run of the flow.
+  ``action=fail`` needs no per-run decision: one set-based UPDATE picks and fails the oldest stuck runs.
 - ``fail-run``: mark one running run failed (the runbook's UPDATE), guarded by ``status = 'running'``.
 - ``retry-step``: re-enqueue one step through the gateway (the runbook's curl), unless it is already queued.
 All three: dry run by default, refuse while the kill switch is on, idempotent, and publish a keyed report.
@@ -25,13 +26,15 @@ from tasks.report import Report
 from tasks.runs import (
     WORKER_TIMEOUT,
     count_stuck_runs,
+    count_stuck_runs_task,
     fail_runs_task,
+    fail_stuck_runs_task,
     find_stuck_runs_task,
     find_unfinished_steps_task,
     read_runs_task,
     read_step_task,
 )
-from tasks.settings import get_settings
+from tasks.settings import Settings, get_settings
 from tasks.stuck_policy import DEFAULT_MIN_IDLE_MS, Decision, RunDecision, decide
 
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -94,8 +97,8 @@ def _decision_rows(decisions: list[RunDecision], locations: dict[str, StepLocati
     description=(
         "Runs stuck in `running` for over N minutes: for each, look where its step is in the queue and leave it "
         "(a live worker has it / the queue sweep will requeue it), retry it through the gateway, or fail the run "
-        "with WORKER_TIMEOUT. Every UPDATE re-checks `running` and the cutoff, so a run that finishes meanwhile is "
-        "never touched. Dry run by default."
+        "with WORKER_TIMEOUT (action=fail: every stuck run, in one statement). Every UPDATE re-checks `running` "
+        "and the cutoff, so a run that finishes meanwhile is never touched. Dry run by default."
     ),
 )
 def stuck_runs_sweep(
@@ -149,6 +152,28 @@ def stuck_runs_sweep(
     logger = get_run_logger()
     report = Report(title=f"stuck-runs-sweep ({action}, older than {older_than_minutes} min)")
     cutoff = datetime.now(UTC) - timedelta(minutes=older_than_minutes)
+
+    if action == "fail":
+        result = _fail_every_stuck_run(
+            settings=settings, report=report, cutoff=cutoff, max_runs=max_runs, dry_run=dry_run
+        )
+        report.outcome = (
+            "dry run" if dry_run else ("refused" if result.guard.startswith("refused") else "completed")
+        )
+        report.publish(key="stuck-runs-sweep")
+        if result.failed:
+            emit_recovery_event(
+                action="stuck-runs-swept",
+                resource_id="runs",
+                payload={"failed": result.failed[:100], "retried": [], "found": result.found},
+            )
+        logger.info(
+            "stuck-runs-sweep: action=fail, found %d, failed %d (%s)",
+            result.found,
+            len(result.failed),
+            result.guard,
+        )
+        return result
 
     # observe
     found = find_stuck_runs_task(settings=settings, cutoff=cutoff, limit=max_runs + 1)
@@ -272,6 +297,74 @@ def stuck_runs_sweep(
     )
     if auth_error is not None:
         raise auth_error
+    return result
+
+
+def _fail_every_stuck_run(
+    *, settings: Settings, report: Report, cutoff: datetime, max_runs: int, dry_run: bool
+) -> SweepResult:
+    """``action=fail``: no per-run decision, so no ids travel: count, then fail the oldest ``max_runs`` stuck runs
+    in one guarded statement (``fail_stuck_runs``) and count again. A dry run or a refusal lists what it would
+    fail instead."""
+    # observe
+    stuck = count_stuck_runs_task(settings=settings, cutoff=cutoff)
+    found, more = min(stuck, max_runs), stuck > max_runs
+    report.add(
+        "Observed",
+        f"{stuck} run(s) `running` since before {cutoff:%Y-%m-%d %H:%M:%S} UTC"
+        + (f" (more than max_runs={max_runs}; the rest wait for the next sweep)" if more else ""),
+    )
+    # decide: action=fail fails every stuck run, oldest first, at most max_runs
+    report.add(
+        "Decided",
+        f"action=fail: fail {found} run(s) (the oldest, at most max_runs={max_runs}) with WORKER_TIMEOUT, "
+        "in one UPDATE that re-checks `running` and the cutoff on every row",
+    )
+    # act
+    verdict = refuse_if_paused(dry_run=dry_run, settings=settings)
+    result = SweepResult(
+        found=found,
+        more_than_max_runs=more,
+        decisions={Decision.FAIL.value: found} if found else {},
+        guard=verdict.reason,
+        dry_run=dry_run,
+    )
+    if not found:
+        report.add("Done", "nothing to change")
+    elif not verdict.allowed:
+        would = find_stuck_runs_task(settings=settings, cutoff=cutoff, limit=max_runs)
+        report.add("Done", f"{verdict.reason}: would fail {len(would)} run(s)")
+        report.table(
+            "Done",
+            [{"run": i, "would": "fail (WORKER_TIMEOUT)", "reason": "action=fail"} for i in would],
+            caption="Runs it would fail (oldest first)",
+        )
+    else:
+        result.failed = fail_stuck_runs_task(
+            settings=settings, cutoff=cutoff, limit=max_runs, error=dict(WORKER_TIMEOUT)
+        )
+        skipped = found - len(result.failed)
+        report.add(
+            "Done",
+            f"failed {len(result.failed)} run(s) with WORKER_TIMEOUT"
+            + (
+                f"; {skipped} finished meanwhile (or another sweep holds them) and were left"
+                if skipped > 0
+                else ""
+            ),
+        )
+        report.table(
+            "Done",
+            [{"run": i, "done": "failed (WORKER_TIMEOUT)", "reason": "action=fail"} for i in result.failed],
+            caption="Runs failed (oldest first)",
+        )
+    # verify: the UPDATE's RETURNING names exactly the rows it changed; what is left stuck is one count
+    still = count_stuck_runs_task(settings=settings, cutoff=cutoff)
+    report.add(
+        "Verified",
+        f"{still} run(s) still `running` since before the cutoff"
+        + (f" (expected {stuck - len(result.failed)})" if result.failed else ""),
+    )
     return result
 
 

@@ -382,6 +382,73 @@ def fail_runs(
     return FailResult(requested=len(ids), changed=changed, unchanged=[i for i in ids if i not in done])
 
 
+def fail_stuck_runs_statement(
+    *, settings: Settings, cutoff: datetime, limit: int, error: dict[str, Any], now: datetime
+) -> sa.Update:
+    """The one statement of ``fail_stuck_runs`` (also used to EXPLAIN it). On PostgreSQL::
+
+        WITH picked AS MATERIALIZED (SELECT id FROM runs WHERE status = 'running' AND started_at < :cutoff
+                                     ORDER BY started_at, id LIMIT :n FOR UPDATE SKIP LOCKED)
+        UPDATE runs SET ... WHERE id IN (SELECT id FROM picked)
+                              AND status = 'running' AND started_at < :cutoff RETURNING id, started_at
+
+    The pick is a materialized CTE, computed once: as a plain ``IN (subquery)`` the planner may rescan it per
+    row (a nested-loop semi join), and each rescan skips the rows this UPDATE already changed and picks new
+    ones, failing more than ``limit``. SQLite: the same without FOR UPDATE / MATERIALIZED.
+    """
+    r = tables(settings).runs
+    pg = settings.database_url.get_secret_value().startswith("postgres")
+    pick = r.alias("stuck")  # an alias: the pick must not correlate with the UPDATE's table
+    oldest = (
+        sa.select(pick.c.id)
+        .where(pick.c.status == RUNNING, pick.c.started_at < cutoff)
+        .order_by(pick.c.started_at, pick.c.id)
+        .limit(limit)
+    )
+    if pg:  # two sweeps at once split the stuck runs instead of queueing on each other's row locks
+        oldest = oldest.with_for_update(skip_locked=True)
+    picked = oldest.cte("picked").prefix_with("MATERIALIZED", dialect="postgresql")
+    # psycopg already returns aware datetimes: no per-row Python conversion
+    started = sa.type_coerce(r.c.started_at, sa.DateTime(timezone=True)) if pg else r.c.started_at
+    return (
+        sa.update(r)
+        .add_cte(picked)
+        .where(r.c.id.in_(sa.select(picked.c.id)), r.c.status == RUNNING, r.c.started_at < cutoff)
+        .values(status="failed", error=error, completed_at=now)
+        .returning(r.c.id, started)
+    )
+
+
+def fail_stuck_runs(
+    *,
+    settings: Settings,
+    cutoff: datetime,
+    limit: int,
+    error: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> list[str]:
+    """Fail the (at most ``limit``) oldest runs ``running`` since before ``cutoff`` in ONE statement.
+
+    Set-based: no ids travel to the database, only the changed ids come back (oldest first). The UPDATE
+    re-checks ``status = 'running' AND started_at < cutoff`` on every row it changes, so a run that completed
+    concurrently is never touched; on PostgreSQL rows locked by another sweep are skipped, not waited for.
+    Running it again fails nothing more (idempotent).
+    """
+    if limit < 1:
+        raise RunsError(f"limit must be >= 1, got {limit}")
+    stmt = fail_stuck_runs_statement(
+        settings=settings,
+        cutoff=_aware(cutoff),
+        limit=limit,
+        error=dict(WORKER_TIMEOUT if error is None else error),
+        now=_aware(now) if now is not None else datetime.now(UTC),
+    )
+    with _errors("fail stuck runs"), db_engine(settings).begin() as conn:
+        rows = conn.execute(stmt).all()
+    rows.sort(key=lambda row: (row[1], row[0]))  # RETURNING has no order: oldest first, as chosen
+    return [row[0] for row in rows]
+
+
 def llm_failures_by_model(*, settings: Settings, since: datetime) -> dict[str, ModelFailures]:
     """Per model: LLM steps started since ``since`` and how many of them failed (one GROUP BY)."""
     s = tables(settings).steps
@@ -501,5 +568,7 @@ _TASK_OPTIONS: dict[str, Any] = {
 find_stuck_runs_task = task(name="find-stuck-runs", **_TASK_OPTIONS)(find_stuck_runs)
 find_unfinished_steps_task = task(name="find-run-steps", **_TASK_OPTIONS)(find_unfinished_steps)
 read_runs_task = task(name="read-runs", **_TASK_OPTIONS)(read_runs)
+count_stuck_runs_task = task(name="count-stuck-runs", **_TASK_OPTIONS)(count_stuck_runs)
 read_step_task = task(name="read-step", **_TASK_OPTIONS)(read_step)
 fail_runs_task = task(name="fail-runs", **_TASK_OPTIONS)(fail_runs)
+fail_stuck_runs_task = task(name="fail-stuck-runs", **_TASK_OPTIONS)(fail_stuck_runs)

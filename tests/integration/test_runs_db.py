@@ -319,3 +319,177 @@ def test_a_step_finished_without_error_stores_sql_null_not_json_null(runs_settin
             sa.select(sa.func.count()).select_from(t.steps).where(t.steps.c.id == "step_ok", t.steps.c.error.is_(None))
         ).scalar_one()
     assert null_errors == 1
+
+
+# --- fail_stuck_runs: pick and fail in one statement ------------------------------------------------------
+
+
+def test_fail_stuck_runs_fails_the_oldest_up_to_limit_and_is_idempotent(runs_settings):
+    _seed(runs_settings)  # run_s6 is the oldest stuck run, run_s0 the youngest
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    first = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=4, error=None, now=when)
+    assert first == ["run_s6", "run_s5", "run_s4", "run_s3"]
+    now = runs.read_runs(settings=runs_settings, run_ids=first)
+    assert all(now[i].status == "failed" and now[i].error == runs.WORKER_TIMEOUT for i in first)
+    assert all(now[i].completed_at == when for i in first)
+    assert {i: s for i, s in statuses(runs_settings).items() if s == "running"} == {
+        "run_s0": "running",
+        "run_s1": "running",
+        "run_s2": "running",
+        "run_recent": "running",  # running, but not for long enough
+        "run_nostart": "running",  # no started_at: never matches the cutoff
+    }
+    custom = {"code": "OPERATOR_SWEEP", "message": "failed by on-call"}
+    rest = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=100, error=custom)
+    assert rest == ["run_s2", "run_s1", "run_s0"]
+    assert runs.read_runs(settings=runs_settings, run_ids=["run_s0"])["run_s0"].error == custom
+    before = runs.read_runs(settings=runs_settings, run_ids=list(statuses(runs_settings)))
+    assert runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=100, error=None) == []
+    assert runs.read_runs(settings=runs_settings, run_ids=list(before)) == before  # nothing rewritten
+    assert runs.read_runs(settings=runs_settings, run_ids=["run_s6"])["run_s6"].error == runs.WORKER_TIMEOUT
+
+
+def test_fail_stuck_runs_breaks_equal_start_times_by_id(runs_settings):
+    same = ago(60)
+    add_runs(runs_settings, [{"id": f"run_{c}", "status": "running", "started_at": same} for c in "edcba"])
+    assert runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=3, error=None) == [
+        "run_a",
+        "run_b",
+        "run_c",
+    ]
+    assert statuses(runs_settings) == {"run_a": "failed", "run_b": "failed", "run_c": "failed"} | {
+        "run_d": "running",
+        "run_e": "running",
+    }
+
+
+def test_fail_stuck_runs_leaves_a_run_completed_by_another_connection(runs_settings):
+    _seed(runs_settings, n_stuck=3)
+    r = runs.tables(runs_settings).runs
+    other = sa.create_engine(db_engine(runs_settings).url)  # a separate pool: a truly separate connection
+    try:
+        with other.begin() as conn:
+            conn.execute(sa.update(r).where(r.c.id == "run_s1").values(status="completed"))
+        changed = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=3, error=None)
+    finally:
+        other.dispose()
+    assert changed == ["run_s2", "run_s0"]  # the limit is not spent on the completed run
+    after = runs.read_runs(settings=runs_settings, run_ids=["run_s1"])["run_s1"]
+    assert after.status == "completed" and after.error is None
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_fail_stuck_runs_skips_a_run_locked_by_a_concurrent_completion(runs_settings):
+    """PostgreSQL: a transaction completing run_s1 holds its row lock; the sweep does not wait for it (SKIP
+    LOCKED), fails the others, and the completion then commits untouched."""
+    _seed(runs_settings, n_stuck=3)
+    r = runs.tables(runs_settings).runs
+    other = sa.create_engine(db_engine(runs_settings).url)
+    result: dict = {}
+    try:
+        with other.connect() as conn:
+            tx = conn.begin()
+            conn.execute(sa.update(r).where(r.c.id == "run_s1").values(status="completed"))
+            worker = threading.Thread(
+                target=lambda: result.update(
+                    ids=runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=10, error=None)
+                )
+            )
+            worker.start()
+            worker.join(timeout=10)
+            finished_while_locked = not worker.is_alive()
+            tx.commit()
+        worker.join(timeout=10)
+    finally:
+        other.dispose()
+    assert finished_while_locked, "fail_stuck_runs waited on the locked row instead of skipping it"
+    assert result["ids"] == ["run_s2", "run_s0"]
+    assert {i: statuses(runs_settings)[i] for i in ("run_s0", "run_s1", "run_s2")} == {
+        "run_s0": "failed",
+        "run_s1": "completed",
+        "run_s2": "failed",
+    }
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_two_concurrent_fail_stuck_runs_split_the_runs(runs_settings):
+    """PostgreSQL: a sweep holding the oldest runs' locks (uncommitted) does not block a second sweep, which takes
+    the next ones; no run is failed twice."""
+    _seed(runs_settings, n_stuck=5)
+    stmt = runs.fail_stuck_runs_statement(
+        settings=runs_settings, cutoff=ago(30), limit=2, error=dict(runs.WORKER_TIMEOUT), now=datetime.now(UTC)
+    )
+    other = sa.create_engine(db_engine(runs_settings).url)
+    try:
+        with other.connect() as conn:
+            tx = conn.begin()
+            first = sorted(row[0] for row in conn.execute(stmt))  # the first sweep, still open
+            second = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=2, error=None)
+            tx.commit()
+    finally:
+        other.dispose()
+    assert first == ["run_s3", "run_s4"] and second == ["run_s2", "run_s1"]
+    assert statuses(runs_settings)["run_s0"] == "running"
+
+
+def test_fail_stuck_runs_refuses_bad_arguments_before_touching_anything(runs_settings):
+    _seed(runs_settings, n_stuck=2)
+    with pytest.raises(runs.RunsError, match="limit must be >= 1"):
+        runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=0, error=None)
+    with pytest.raises(runs.RunsError, match="timezone-aware"):
+        runs.fail_stuck_runs(
+            settings=runs_settings, cutoff=datetime.now() - timedelta(minutes=30), limit=5, error=None
+        )
+    assert statuses(runs_settings)["run_s0"] == statuses(runs_settings)["run_s1"] == "running"
+
+
+def test_fail_stuck_runs_task_retries_a_lost_connection_but_not_a_permanent_error(runs_settings, mocker):
+    from prefect import flow
+
+    _seed(runs_settings, n_stuck=3)
+    task = runs.fail_stuck_runs_task.with_options(retry_delay_seconds=0)
+
+    @flow
+    def sweep():
+        return task(settings=runs_settings, cutoff=ago(30), limit=10, error=None)
+
+    lost = sa.exc.OperationalError(
+        "UPDATE", {}, Exception("server closed the connection unexpectedly"), connection_invalidated=True
+    )
+    seen = _flaky_updates(mocker, lost, times=2)
+    assert sweep() == ["run_s2", "run_s1", "run_s0"] and seen["raised"] == 2
+    mocker.stopall()
+    add_runs(runs_settings, [{"id": "run_late", "status": "running", "started_at": ago(45)}])
+    bad = sa.exc.ProgrammingError("UPDATE", {}, Exception('column "nope" does not exist'))
+    seen = _flaky_updates(mocker, bad, times=10)
+    with pytest.raises(runs.RunsError, match="could not fail stuck runs") as info:
+        sweep()
+    assert seen["raised"] == 1 and not isinstance(info.value, runs.RunsTemporaryError)
+    assert statuses(runs_settings)["run_late"] == "running"
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_explain_fail_stuck_runs_uses_the_status_started_at_index(runs_settings):
+    from psycopg.types.json import Jsonb
+
+    r = runs_settings.runs_table
+    with db_engine(runs_settings).begin() as conn:
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {r} (id, status, started_at) SELECT 'run_' || g, "
+                "CASE WHEN g % 100 = 0 THEN 'running' ELSE 'completed' END, now() - g * interval '1 second' "
+                "FROM generate_series(1, 20000) g"
+            )
+        )
+    engine = db_engine(runs_settings)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text(f"VACUUM ANALYZE {r}"))
+    stmt = runs.fail_stuck_runs_statement(
+        settings=runs_settings, cutoff=ago(30), limit=100, error=dict(runs.WORKER_TIMEOUT), now=datetime.now(UTC)
+    )
+    compiled = stmt.compile(dialect=engine.dialect)
+    params = {k: Jsonb(v) if isinstance(v, dict) else v for k, v in compiled.construct_params().items()}
+    with engine.connect() as conn:
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {compiled}", params))
+    assert "FOR UPDATE SKIP LOCKED" in str(compiled) and "LockRows" in plan, plan
+    assert f"ix_{r}_status_started_at" in plan and "Seq Scan" not in plan, plan

@@ -22,6 +22,7 @@ from tasks.gateway import GatewayAuthError, InvalidIdError
 from tasks.settings import use_settings
 from tests.integration import runs_fixtures as rf
 from tests.integration.runs_fixtures import GATEWAY_KEY, add_runs, add_steps, ago, statuses
+from tests.polling import wait_for
 
 sqlite_url = rf.sqlite_url
 db_url = rf.db_url
@@ -169,6 +170,58 @@ def test_action_fail_respects_max_runs(world):
     result = stuck_runs_sweep(action="fail", max_runs=2, dry_run=False)
     assert result.more_than_max_runs and sorted(result.failed) == ["run_live", "run_sweep"]  # the two oldest
     assert statuses(world)["run_queued"] == "running"
+
+
+def _task_names(flow_run_id, expected: int) -> list[str]:
+    """The task runs the server recorded for a flow run (they arrive as events: poll until all are there)."""
+
+    def read() -> list[str]:
+        with get_client(sync_client=True) as client:
+            found = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        names = sorted(t.name.rsplit("-", 1)[0] for t in found)
+        return names if len(names) >= expected else []
+
+    return wait_for(read, what=f"{expected} task runs of flow run {flow_run_id}")
+
+
+def test_action_fail_fails_every_stuck_run_in_one_statement_without_shipping_ids(world, redis):
+    s = world
+    queue_before = _queue_state(s, redis)
+    state = stuck_runs_sweep(action="fail", dry_run=False, return_state=True)
+    result = state.result()
+    oldest_first = list(SCENARIO)  # SCENARIO is ordered by minutes running, longest first
+    assert result.failed == oldest_first and result.not_failed == [] and result.retried == []
+    assert result.found == 7 and not result.more_than_max_runs and result.decisions == {"fail": 7}
+    now = runs.read_runs(settings=s, run_ids=oldest_first + ["run_recent", "run_done"])
+    assert all(now[i].status == "failed" and now[i].error == runs.WORKER_TIMEOUT for i in oldest_first)
+    assert now["run_recent"].status == "running" and now["run_done"].status == "completed"
+    assert _queue_state(s, redis) == queue_before  # action=fail never touches the queue
+
+    report = _artifacts(state.state_details.flow_run_id)
+    for rid in oldest_first:  # the report still names every failed run
+        assert f"| {rid} | failed (WORKER_TIMEOUT) | action=fail |" in report, rid
+    assert "failed 7 run(s) with WORKER_TIMEOUT" in report
+    assert "0 run(s) still `running` since before the cutoff (expected 0)" in report
+    # count, fail in one statement, count: no find of ids, no per-run steps/queue lookups, no fail-by-ids
+    names = _task_names(state.state_details.flow_run_id, expected=3)
+    assert names == ["count-stuck-runs", "count-stuck-runs", "fail-stuck-runs"], names
+
+    again = stuck_runs_sweep(action="fail", dry_run=False)  # idempotent
+    assert again.found == 0 and again.failed == [] and statuses(s) == {i: r.status for i, r in now.items()}
+
+
+def test_action_fail_dry_run_lists_what_it_would_fail_and_changes_nothing(world, redis):
+    before = (statuses(world), _queue_state(world, redis))
+    state = stuck_runs_sweep(action="fail", max_runs=5, return_state=True)
+    result = state.result()
+    assert result.dry_run and result.failed == [] and result.decisions == {"fail": 5}
+    assert result.found == 5 and result.more_than_max_runs
+    assert (statuses(world), _queue_state(world, redis)) == before
+    report = _artifacts(state.state_details.flow_run_id)
+    assert "dry run: nothing changed: would fail 5 run(s)" in report
+    for rid in list(SCENARIO)[:5]:
+        assert f"| {rid} | fail (WORKER_TIMEOUT) | action=fail |" in report, rid
+    assert "| run_exhausted |" not in report and "| run_nostep |" not in report  # beyond max_runs
 
 
 def test_action_retry_never_fails(world, redis):
