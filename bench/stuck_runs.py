@@ -1,21 +1,31 @@
-"""Benchmark: the project's find + fail of stuck runs vs the raw single ``UPDATE ... RETURNING`` (PostgreSQL).
+"""Benchmark: the project's stuck-runs fail vs the raw single ``UPDATE ... RETURNING`` (PostgreSQL).
 
     python -m bench.stuck_runs --runs 1000000 --stuck 10000
 
-Creates its own database (dropped afterwards), builds two equal copies of a ``runs`` table (``stuck`` runs
-running for over 30 minutes scattered through the table, 1% recently started running runs, the rest finished),
-then times on copy A the project's ``find_stuck_runs`` (keyset pages over the (status, started_at) index) plus
-``fail_runs`` (guarded ``UPDATE ... RETURNING`` per batch), and on copy B the runbook's raw one-statement UPDATE.
-Each side starts alike (both copies vacuumed, analysed and in the OS cache, its own copy loaded into shared
-buffers right before it runs), alternates which side goes first, and
-puts the failed runs back for the next. The last line is JSON: runs, stuck, project_s and raw_s (medians),
-slowdown_vs_raw (geometric mean of the per-round project_s / raw_s, which cancels the order effect; target
-<= 1.5) and median_ratio (median project_s / median raw_s).
+Creates its own database (dropped afterwards), builds three equal copies of a ``runs`` table (``stuck`` runs
+running for over 30 minutes scattered through the table, 1% recently started running runs, the rest finished)
+and times, each on its own copy, the task functions in-process:
+
+- ``project_s`` — the project's find + fail for ``stuck-runs-sweep action=fail``: ``fail_stuck_runs``, one
+  statement that picks the oldest stuck runs and fails them (no ids sent, the changed ids returned);
+  ``flow_db_s`` adds the flow's two ``count_stuck_runs`` around it (observe, verify);
+- ``auto_project_s`` — the per-run policy path's database work (``action=auto``): ``find_stuck_runs`` (keyset
+  pages of ids over the (status, started_at, id) index) plus ``fail_runs`` of those ids (guarded
+  ``UPDATE ... WHERE id = ANY(:ids)``); the steps lookup and the queue check it also does are not timed;
+- ``raw_s`` — the runbook's raw one-statement ``UPDATE ... WHERE status = 'running' AND started_at < cutoff``.
+
+Each side starts alike (all copies vacuumed, analysed and in the OS cache, by default the WAL checkpointed, its
+own copy loaded into shared buffers right before it runs); the rounds cycle through every order of the three
+sides, and the failed runs are put back for the next round. The last line is JSON: runs, stuck, project_s,
+flow_db_s, auto_project_s and raw_s (medians); slowdown_vs_raw, flow_db_slowdown_vs_raw and auto_slowdown_vs_raw
+(geometric means of the per-round ratios to raw_s, which cancels the order effect; target for slowdown_vs_raw
+<= 1.5) and the median ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -62,7 +72,7 @@ def _build(engine: sa.Engine, table: str, *, n: int, stuck: int) -> None:
 
 
 def _settle(engine: sa.Engine, tables: tuple[str, ...], *, checkpoint: bool) -> None:
-    """Same start for each side: both copies vacuumed, analysed and in the OS cache; with ``checkpoint``, the
+    """Same start for each side: all copies vacuumed, analysed and in the OS cache; with ``checkpoint``, the
     WAL checkpointed and flushed too, so no side pays for writes the other one caused (each pays its own
     full-page images instead, as a sweep right after a checkpoint would)."""
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -82,7 +92,7 @@ def _relations(table: str) -> tuple[str, ...]:
 
 
 def _into_buffers(engine: sa.Engine, table: str) -> None:
-    """Load one copy into shared buffers right before its side runs (both copies do not fit at once)."""
+    """Load one copy into shared buffers right before its side runs (the copies do not all fit at once)."""
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         for rel in _relations(table):
             conn.execute(sa.text("SELECT pg_prewarm(:rel)"), {"rel": rel})
@@ -107,7 +117,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--batch-size", type=int, default=None, help="runs_batch_size (default: the setting's)"
     )
     parser.add_argument("--older-than-minutes", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=6, help="rounds on the same copies (even: both orders)")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="rounds on the same copies (6: each order of the 3 sides once)"
+    )
+    parser.add_argument(
+        "--max-runs",
+        type=int,
+        default=None,
+        help="fail_stuck_runs limit (the sweep's max_runs; default --stuck)",
+    )
     parser.add_argument(
         "--no-checkpoint", dest="checkpoint", action="store_false", help="do not CHECKPOINT before each side"
     )
@@ -126,12 +144,15 @@ def main(argv: list[str] | None = None) -> dict:
             base = base.model_copy(update={"runs_batch_size": args.batch_size})
         project = base.model_copy(update={"runs_table": "runs_a", "steps_table": "steps_a"})
         raw = base.model_copy(update={"runs_table": "runs_b", "steps_table": "steps_b"})
+        auto = base.model_copy(update={"runs_table": "runs_c", "steps_table": "steps_c"})
+        copies = tuple(s.runs_table for s in (project, raw, auto))
         engine = db_engine(project)
         t0 = time.perf_counter()
-        for s in (project, raw):
+        for s in (project, raw, auto):
             runs.create_schema(settings=s)
             _build(engine, s.runs_table, n=args.runs, stuck=args.stuck)
         build_s = time.perf_counter() - t0
+        max_runs = args.max_runs or args.stuck
 
         raw_sql = sa.text(
             f"UPDATE {raw.runs_table} SET status = 'failed', "
@@ -139,69 +160,98 @@ def main(argv: list[str] | None = None) -> dict:
             "completed_at = now() WHERE status = 'running' AND started_at < :cutoff RETURNING id"
         )
 
-        def run_project() -> tuple[float, float, list[str]]:
-            _settle(engine, (project.runs_table, raw.runs_table), checkpoint=args.checkpoint)
-            _into_buffers(engine, project.runs_table)
-            cutoff = datetime.now(UTC) - timedelta(minutes=args.older_than_minutes)
-            t0 = time.perf_counter()
-            found = runs.find_stuck_runs(settings=project, cutoff=cutoff)
-            t1 = time.perf_counter()
-            failed = runs.fail_runs(settings=project, run_ids=found, cutoff=cutoff)
-            t2 = time.perf_counter()
-            return t1 - t0, t2 - t0, failed.changed
+        def start(table: str) -> datetime:
+            _settle(engine, copies, checkpoint=args.checkpoint)
+            _into_buffers(engine, table)
+            return datetime.now(UTC) - timedelta(minutes=args.older_than_minutes)
 
-        def run_raw() -> tuple[float, list[str]]:
-            _settle(engine, (project.runs_table, raw.runs_table), checkpoint=args.checkpoint)
-            _into_buffers(engine, raw.runs_table)
-            cutoff = datetime.now(UTC) - timedelta(minutes=args.older_than_minutes)
+        def run_project() -> dict:
+            """stuck-runs-sweep action=fail: count (observe), one fail statement (act), count (verify)."""
+            cutoff = start(project.runs_table)
+            t0 = time.perf_counter()
+            before = runs.count_stuck_runs(settings=project, cutoff=cutoff)
+            t1 = time.perf_counter()
+            changed = runs.fail_stuck_runs(settings=project, cutoff=cutoff, limit=max_runs)
+            t2 = time.perf_counter()
+            left = runs.count_stuck_runs(settings=project, cutoff=cutoff)
+            t3 = time.perf_counter()
+            if before != args.stuck or left != before - len(changed):
+                raise SystemExit(
+                    f"project counts: {before} stuck before, {left} after failing {len(changed)}"
+                )
+            return {"s": t2 - t1, "flow_db_s": t3 - t0, "ids": changed}
+
+        def run_auto() -> dict:
+            """The per-run policy path's database work: find the ids, then fail them by id."""
+            cutoff = start(auto.runs_table)
+            t0 = time.perf_counter()
+            found = runs.find_stuck_runs(settings=auto, cutoff=cutoff)
+            t1 = time.perf_counter()
+            failed = runs.fail_runs(settings=auto, run_ids=found, cutoff=cutoff)
+            t2 = time.perf_counter()
+            return {"s": t2 - t0, "find_s": t1 - t0, "ids": failed.changed}
+
+        def run_raw() -> dict:
+            cutoff = start(raw.runs_table)
             t0 = time.perf_counter()
             with engine.begin() as conn:
                 ids = conn.execute(raw_sql, {"cutoff": cutoff}).scalars().all()
-            return time.perf_counter() - t0, ids
+            return {"s": time.perf_counter() - t0, "ids": ids}
 
-        rounds: list[tuple[float, float, float]] = []
+        sides = {"project": (run_project, project), "auto": (run_auto, auto), "raw": (run_raw, raw)}
+        orders = list(itertools.permutations(sides))  # every order once per 6 rounds: no side always first
+        rounds: list[dict[str, dict]] = []
         for i in range(args.rounds):
-            if i % 2 == 0:  # alternate which side goes first
-                find_s, project_s, changed = run_project()
-                raw_s, raw_ids = run_raw()
-            else:
-                raw_s, raw_ids = run_raw()
-                find_s, project_s, changed = run_project()
-            if len(changed) != args.stuck or sorted(changed) != sorted(raw_ids):
-                raise SystemExit(
-                    f"mismatch: project failed {len(changed)}, raw {len(raw_ids)}, want {args.stuck}"
-                )
-            rounds.append((project_s, find_s, raw_s))
+            got = {name: sides[name][0]() for name in orders[i % len(orders)]}
+            want = sorted(got["raw"]["ids"])
+            for name, side in got.items():
+                if len(side["ids"]) != args.stuck or sorted(side["ids"]) != want:
+                    raise SystemExit(
+                        f"mismatch: {name} failed {len(side['ids'])}, raw {len(want)}, want {args.stuck}"
+                    )
+            rounds.append(got)
             print(
                 json.dumps(
                     {
                         "round": i + 1,
-                        "project_s": round(project_s, 4),
-                        "find_s": round(find_s, 4),
-                        "raw_s": round(raw_s, 4),
+                        "order": list(got),
+                        "project_s": round(got["project"]["s"], 4),
+                        "flow_db_s": round(got["project"]["flow_db_s"], 4),
+                        "auto_project_s": round(got["auto"]["s"], 4),
+                        "raw_s": round(got["raw"]["s"], 4),
                     }
                 ),
                 flush=True,
             )
             if i + 1 < args.rounds:
-                _reset(engine, project.runs_table, changed)
-                _reset(engine, raw.runs_table, raw_ids)
+                for name, side in got.items():
+                    _reset(engine, sides[name][1].runs_table, side["ids"])
 
-        project_s = statistics.median(r[0] for r in rounds)
-        raw_s = statistics.median(r[2] for r in rounds)
-        # rounds alternate which side goes first: the geometric mean of the per-round ratios cancels the
-        # advantage of going first
-        slowdown = statistics.geometric_mean(r[0] / r[2] for r in rounds)
+        def median(name: str, key: str = "s") -> float:
+            return statistics.median(r[name][key] for r in rounds)
+
+        def slowdown(name: str, key: str = "s") -> float:
+            # rounds cycle through the orders: the geometric mean of the per-round ratios cancels the
+            # advantage of going first
+            return statistics.geometric_mean(r[name][key] / r["raw"]["s"] for r in rounds)
+
+        project_s, auto_s, raw_s = median("project"), median("auto"), median("raw")
         result = {
             "runs": args.runs,
             "stuck": args.stuck,
             "project_s": round(project_s, 4),
-            "project_find_s": round(statistics.median(r[1] for r in rounds), 4),
             "raw_s": round(raw_s, 4),
-            "slowdown_vs_raw": round(slowdown, 3),
+            "slowdown_vs_raw": round(slowdown("project"), 3),
             "median_ratio": round(project_s / raw_s, 3),
+            "flow_db_s": round(median("project", "flow_db_s"), 4),
+            "flow_db_slowdown_vs_raw": round(slowdown("project", "flow_db_s"), 3),
+            "auto_project_s": round(auto_s, 4),
+            "auto_find_s": round(median("auto", "find_s"), 4),
+            "auto_slowdown_vs_raw": round(slowdown("auto"), 3),
+            "auto_median_ratio": round(auto_s / raw_s, 3),
             "rounds": args.rounds,
             "checkpoint_before_each_side": args.checkpoint,
+            "max_runs": max_runs,
             "batch_size": project.runs_batch_size,
             "build_s": round(build_s, 1),
         }

@@ -384,39 +384,52 @@ def fail_runs(
 
 def fail_stuck_runs_statement(
     *, settings: Settings, cutoff: datetime, limit: int, error: dict[str, Any], now: datetime
-) -> sa.Update:
+) -> sa.Update | sa.Select:
     """The one statement of ``fail_stuck_runs`` (also used to EXPLAIN it). On PostgreSQL::
 
-        WITH picked AS MATERIALIZED (SELECT id FROM runs WHERE status = 'running' AND started_at < :cutoff
-                                     ORDER BY started_at, id LIMIT :n FOR UPDATE SKIP LOCKED)
-        UPDATE runs SET ... WHERE id IN (SELECT id FROM picked)
-                              AND status = 'running' AND started_at < :cutoff RETURNING id, started_at
+        WITH failed AS (
+            UPDATE runs SET ... WHERE ctid = ANY(ARRAY(
+                    SELECT ctid FROM runs WHERE status = 'running' AND started_at < :cutoff
+                    ORDER BY started_at, id LIMIT :n FOR UPDATE SKIP LOCKED))
+                AND status = 'running' AND started_at < :cutoff RETURNING id, started_at)
+        SELECT id FROM failed ORDER BY started_at, id
 
-    The pick is a materialized CTE, computed once: as a plain ``IN (subquery)`` the planner may rescan it per
-    row (a nested-loop semi join), and each rescan skips the rows this UPDATE already changed and picks new
-    ones, failing more than ``limit``. SQLite: the same without FOR UPDATE / MATERIALIZED.
+    The pick walks the (status, started_at, id) index oldest first and locks what it picks (rows another sweep
+    holds are skipped); ``ARRAY(...)`` runs it exactly once (an InitPlan) and the UPDATE fetches the picked rows by
+    their physical address (a TID scan), instead of looking 10 000 ids up again in the primary key. The address
+    cannot go stale: the rows stay locked by this statement until it updates them (a row another transaction
+    changed between this statement's snapshot and its lock is not updated: left for the next sweep). (A plain
+    ``id IN (subquery)`` is wrong here: the planner may rescan the subquery per row, and each rescan skips the
+    rows this UPDATE already changed and picks new ones, failing more than ``limit``.)
+    SQLite: ``WHERE id IN (SELECT id ... ORDER BY started_at, id LIMIT :n) AND <same predicate>`` (no row locks;
+    the subquery is evaluated once), ``RETURNING id, started_at`` sorted by the caller.
     """
     r = tables(settings).runs
-    pg = settings.database_url.get_secret_value().startswith("postgres")
     pick = r.alias("stuck")  # an alias: the pick must not correlate with the UPDATE's table
-    oldest = (
-        sa.select(pick.c.id)
-        .where(pick.c.status == RUNNING, pick.c.started_at < cutoff)
-        .order_by(pick.c.started_at, pick.c.id)
-        .limit(limit)
-    )
-    if pg:  # two sweeps at once split the stuck runs instead of queueing on each other's row locks
-        oldest = oldest.with_for_update(skip_locked=True)
-    picked = oldest.cte("picked").prefix_with("MATERIALIZED", dialect="postgresql")
-    # psycopg already returns aware datetimes: no per-row Python conversion
-    started = sa.type_coerce(r.c.started_at, sa.DateTime(timezone=True)) if pg else r.c.started_at
-    return (
+    stuck = (pick.c.status == RUNNING, pick.c.started_at < cutoff)
+    if settings.database_url.get_secret_value().startswith("postgres"):
+        oldest = (
+            sa.select(sa.column("ctid", _selectable=pick))
+            .where(*stuck)
+            .order_by(pick.c.started_at, pick.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        chosen = sa.column("ctid", _selectable=r) == sa.any_(sa.func.array(oldest.scalar_subquery()))
+    else:
+        oldest = sa.select(pick.c.id).where(*stuck).order_by(pick.c.started_at, pick.c.id).limit(limit)
+        chosen = r.c.id.in_(oldest.scalar_subquery())
+    update = (
         sa.update(r)
-        .add_cte(picked)
-        .where(r.c.id.in_(sa.select(picked.c.id)), r.c.status == RUNNING, r.c.started_at < cutoff)
+        .where(chosen, r.c.status == RUNNING, r.c.started_at < cutoff)
         .values(status="failed", error=error, completed_at=now)
-        .returning(r.c.id, started)
+        .returning(r.c.id, r.c.started_at)
     )
+    if settings.database_url.get_secret_value().startswith("postgres"):
+        # PostgreSQL orders the changed rows itself and sends back only their ids (no timestamps to parse)
+        failed = update.cte("failed")
+        return sa.select(failed.c.id).order_by(failed.c.started_at, failed.c.id)
+    return update
 
 
 def fail_stuck_runs(
@@ -445,7 +458,8 @@ def fail_stuck_runs(
     )
     with _errors("fail stuck runs"), db_engine(settings).begin() as conn:
         rows = conn.execute(stmt).all()
-    rows.sort(key=lambda row: (row[1], row[0]))  # RETURNING has no order: oldest first, as chosen
+    if isinstance(stmt, sa.Update):  # SQLite: RETURNING has no order; oldest first, as chosen
+        rows.sort(key=lambda row: (row[1], row[0]))
     return [row[0] for row in rows]
 
 

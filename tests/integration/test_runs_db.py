@@ -262,13 +262,14 @@ def test_explain_uses_the_status_started_at_index(runs_settings):
         assert "Seq Scan" not in plan and "Sort" not in plan, plan
 
 
-def _flaky_updates(mocker, error: Exception, times: int) -> dict:
-    """Make the first ``times`` UPDATEs fail with ``error`` (a fault injected under the real database)."""
+def _flaky_updates(mocker, error: Exception, times: int, kinds: tuple[type, ...] = (sa.Update,)) -> dict:
+    """Make the first ``times`` UPDATEs (statements of ``kinds``) fail with ``error`` (a fault injected under
+    the real database)."""
     real = sa.engine.Connection.execute
     seen = {"raised": 0}
 
     def execute(self, statement, *args, **kwargs):
-        if isinstance(statement, sa.Update) and seen["raised"] < times:
+        if isinstance(statement, kinds) and seen["raised"] < times:
             seen["raised"] += 1
             raise error
         return real(self, statement, *args, **kwargs)
@@ -423,12 +424,12 @@ def test_two_concurrent_fail_stuck_runs_split_the_runs(runs_settings):
     try:
         with other.connect() as conn:
             tx = conn.begin()
-            first = sorted(row[0] for row in conn.execute(stmt))  # the first sweep, still open
+            first = [row[0] for row in conn.execute(stmt)]  # the first sweep, still open
             second = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=2, error=None)
             tx.commit()
     finally:
         other.dispose()
-    assert first == ["run_s3", "run_s4"] and second == ["run_s2", "run_s1"]
+    assert first == ["run_s4", "run_s3"] and second == ["run_s2", "run_s1"]
     assert statuses(runs_settings)["run_s0"] == "running"
 
 
@@ -456,15 +457,17 @@ def test_fail_stuck_runs_task_retries_a_lost_connection_but_not_a_permanent_erro
     lost = sa.exc.OperationalError(
         "UPDATE", {}, Exception("server closed the connection unexpectedly"), connection_invalidated=True
     )
-    seen = _flaky_updates(mocker, lost, times=2)
+    fail_statement = (sa.Update, sa.Select)  # on PostgreSQL the UPDATE is a CTE of a SELECT
+    seen = _flaky_updates(mocker, lost, times=2, kinds=fail_statement)
     assert sweep() == ["run_s2", "run_s1", "run_s0"] and seen["raised"] == 2
     mocker.stopall()
     add_runs(runs_settings, [{"id": "run_late", "status": "running", "started_at": ago(45)}])
     bad = sa.exc.ProgrammingError("UPDATE", {}, Exception('column "nope" does not exist'))
-    seen = _flaky_updates(mocker, bad, times=10)
+    seen = _flaky_updates(mocker, bad, times=10, kinds=fail_statement)
     with pytest.raises(runs.RunsError, match="could not fail stuck runs") as info:
         sweep()
     assert seen["raised"] == 1 and not isinstance(info.value, runs.RunsTemporaryError)
+    mocker.stopall()
     assert statuses(runs_settings)["run_late"] == "running"
 
 
@@ -491,5 +494,5 @@ def test_explain_fail_stuck_runs_uses_the_status_started_at_index(runs_settings)
     params = {k: Jsonb(v) if isinstance(v, dict) else v for k, v in compiled.construct_params().items()}
     with engine.connect() as conn:
         plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {compiled}", params))
-    assert "FOR UPDATE SKIP LOCKED" in str(compiled) and "LockRows" in plan, plan
+    assert "FOR UPDATE SKIP LOCKED" in str(compiled) and "LockRows" in plan and "InitPlan" in plan, plan
     assert f"ix_{r}_status_started_at" in plan and "Seq Scan" not in plan, plan
