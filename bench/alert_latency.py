@@ -4,8 +4,8 @@ Starts the whole stack (a real Prefect server, ``fd-recovery serve`` with every 
 prefect.yaml, the alert bridge, the sandbox cluster and workers), then, one alert at a time: crashes a worker
 pod, posts ``WorkerCrashLooping{pod=...}`` to the bridge exactly as Alertmanager's webhook would, and measures
 from the POST to the moment the sandbox API server receives the remediation request (the DELETE or eviction
-of that pod by the triggered ``worker-crash-recovery`` run). It waits for the replacement to be Ready before
-the next alert. Last line: one JSON object with ``alerts``, ``p50_s``, ``p95_s``, ``max_s`` and the samples.
+of that pod by the triggered ``worker-crash-recovery`` run). It waits for the replacement to be Ready and the
+run to finish before the next alert. Last line: one JSON object with ``alerts``, ``p50_s``, ``p95_s``, ``max_s`` and the samples.
 """
 
 from __future__ import annotations
@@ -53,15 +53,18 @@ def measure_one(stack: Stack, runs: FlowRuns, *, timeout_s: float) -> dict[str, 
         time.sleep(POLL_S)  # poll
     latency = time.perf_counter() - t0
     del found
-    run = runs.read(runs.wait_new("worker-crash-recovery", known=known, timeout_s=timeout_s))
-    timeline = run_timeline(run, fired)
-    # the next alert starts from a healthy cluster: the crashed pod gone, three Ready workers
+    run_id = runs.wait_new("worker-crash-recovery", known=known, timeout_s=timeout_s)
+    # the next alert starts from a healthy cluster (the crashed pod gone, three Ready workers) and with this
+    # recovery finished: the deployment runs one recovery at a time (ENQUEUE), so an alert fired while the last
+    # run still verifies would wait for a concurrency slot (the server's slot wait, 30 s), not for the runner
     wait_until(
         lambda: pod not in services.ready_worker_pods() and len(services.ready_worker_pods()) >= 3,
         timeout_s=timeout_s,
         what=f"a Ready replacement of {pod}",
     )
-    return {"latency_s": latency, "flow_run_created_s": timeline["created"], "flow_run_started_s": timeline["started"]}
+    timeline = run_timeline(runs.wait_final(run_id, timeout_s=timeout_s), fired)
+    return {"latency_s": latency, "flow_run_created_s": timeline["created"], "flow_run_started_s": timeline["started"],
+            "flow_run_ended_s": timeline["ended"]}
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -8,7 +8,8 @@ deployment concurrency limits (checked by the server on Pending -> Running) beha
 Loop: register the deployments (``RunnerDeployment.apply()``: schedules, triggers, concurrency limits), then
 every ``poll_seconds`` ask the API for due scheduled runs of those deployments, CLAIM each one by proposing
 Pending (a rejection means another runner took it, so two serve processes never run a flow run twice) and
-run it in a daemon thread, at most ``limit`` at once. ``stop()`` (SIGTERM/SIGINT in ``serve_in_process``)
+run it in a daemon thread, at most ``limit`` at once; ``GET /health`` as Prefect's runner webserver has (when
+PREFECT_RUNNER_SERVER_ENABLE). ``stop()`` (SIGTERM/SIGINT in ``serve_in_process``)
 stops the polling and waits up to ``grace_seconds`` for running flows; runs still going then are reported
 Crashed. Trade-off: fast start and shared memory, no process isolation, and a running flow cannot be killed
 (a run cancelled before it starts is never started; one cancelled while running finishes its work).
@@ -21,21 +22,31 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterNextScheduledStartTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import Abort
 from prefect.flow_engine import run_flow
 from prefect.flows import Flow
 from prefect.logging import get_logger
-from prefect.settings import PREFECT_RUNNER_PROCESS_LIMIT
+from prefect.settings import PREFECT_RUNNER_PROCESS_LIMIT, PREFECT_RUNNER_SERVER_ENABLE, get_current_settings
 from prefect.states import Crashed, Pending
 from prefect.types._datetime import now
 from prefect.utilities.engine import propose_state_sync
 
 log = get_logger("runner.inprocess")
+MARK_READY_S = 10.0  # how often the poll also tells the API the deployments are served (status Ready)
 
 
 class InProcessRunner:
@@ -47,7 +58,7 @@ class InProcessRunner:
         *,
         limit: int | None = None,
         poll_seconds: float = 0.25,
-        grace_seconds: float = 300.0,
+        grace_seconds: float = 45.0,
     ) -> None:
         if not served:
             raise ValueError("nothing to serve: no deployments")
@@ -61,6 +72,8 @@ class InProcessRunner:
         self._running: dict[UUID, threading.Thread] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._next_mark_ready = 0.0
+        self.last_polled: float | None = None  # time.monotonic() of the last successful poll
 
     @property
     def deployment_ids(self) -> list[UUID]:
@@ -83,21 +96,37 @@ class InProcessRunner:
         free = self.limit - len(self.running())
         if free <= 0 or self._stopping.is_set():
             return []
-        due = client.get_scheduled_flow_runs_for_deployments(
-            deployment_ids=self.deployment_ids,
-            scheduled_before=now("UTC") + timedelta(seconds=self.poll_seconds),
-        )
-        due.sort(key=lambda r: (r.next_scheduled_start_time is None, r.next_scheduled_start_time))
         started = []
-        for response in due:
+        for flow_run in self._due_runs(client):
             if len(started) >= free or self._stopping.is_set():
                 break
-            flow_run = FlowRun.model_validate(response.model_dump())
             if flow_run.id in self._running or not self._claim(client, flow_run):
                 continue
             self._start(flow_run)
             started.append(flow_run.id)
         return started
+
+    def _due_runs(self, client: SyncPrefectClient) -> list[FlowRun]:
+        """Scheduled runs of our deployments due by the next poll, earliest first.
+
+        A plain read: ``get_scheduled_flow_runs`` (what Prefect's Runner calls) also queues a write marking the
+        deployments Ready, too much for a SQLite server 4 times a second; it is called every ``MARK_READY_S``.
+        """
+        before = now("UTC") + timedelta(seconds=self.poll_seconds)
+        if time.monotonic() >= self._next_mark_ready:
+            self._next_mark_ready = time.monotonic() + MARK_READY_S
+            due = client.get_scheduled_flow_runs_for_deployments(deployment_ids=self.deployment_ids,
+                                                                 scheduled_before=before)
+            return [FlowRun.model_validate(r.model_dump()) for r in due]
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=self.deployment_ids),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                next_scheduled_start_time=FlowRunFilterNextScheduledStartTime(before_=before),
+            ),
+            sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC,
+            limit=self.limit,
+        )
 
     def _claim(self, client: SyncPrefectClient, flow_run: FlowRun) -> bool:
         """Propose Pending: only one runner gets it (the server rejects the others, and cancelled runs)."""
@@ -142,6 +171,7 @@ class InProcessRunner:
                 t0 = time.monotonic()
                 try:
                     self.poll_once(client)
+                    self.last_polled = time.monotonic()
                 except Exception:  # an unreachable API must not end the serve process
                     log.exception("polling the Prefect API for due flow runs failed; retrying")
                 self._stopping.wait(max(0.0, self.poll_seconds - (time.monotonic() - t0)))  # poll
@@ -184,4 +214,42 @@ def serve_in_process(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
-    runner.run()
+    health = start_health_server(runner) if PREFECT_RUNNER_SERVER_ENABLE.value() else None
+    try:
+        runner.run()
+    finally:
+        if health is not None:
+            health.shutdown()
+
+
+def start_health_server(
+    runner: InProcessRunner, *, host: str | None = None, port: int | None = None, threshold_s: float | None = None
+) -> ThreadingHTTPServer:
+    """``GET /health`` like Prefect's runner webserver (same PREFECT_RUNNER_SERVER_* settings, so the Kubernetes
+    probes work either way): 503 once no poll succeeded for missed_polls_tolerance x PREFECT_RUNNER_POLL_FREQUENCY."""
+    settings = get_current_settings().runner
+    threshold = threshold_s or settings.server.missed_polls_tolerance * settings.poll_frequency
+    host = host or settings.server.host
+    port = settings.server.port if port is None else port
+    started = time.monotonic()
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0] != "/health":
+                self.send_error(404)
+                return
+            healthy = time.monotonic() - (runner.last_polled or started) <= threshold
+            body = b'{"message": "OK"}' if healthy else b'{"message": "Runner is unresponsive at this time"}'
+            self.send_response(200 if healthy else 503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:  # probes every few seconds: not worth a log line
+            pass
+
+    server = ThreadingHTTPServer((host, port), Health)
+    threading.Thread(target=server.serve_forever, name="runner-health", daemon=True).start()
+    log.info("health check on http://%s:%d/health", host, server.server_address[1])
+    return server

@@ -5,11 +5,13 @@ claims each run exactly once across runners, and honours its limit."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Annotated
 
+import httpx
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
@@ -24,7 +26,7 @@ from prefect.events import DeploymentEventTrigger, emit_event
 from prefect.runtime import flow_run as current_run
 from pydantic import Field
 
-from deployments.inprocess_runner import InProcessRunner
+from deployments.inprocess_runner import InProcessRunner, start_health_server
 from tasks.report import Report
 from tests.polling import wait_for
 
@@ -189,6 +191,23 @@ def test_the_limit_is_honoured():
         assert sorted(second) == sorted(waiting)
         wait_for(lambda: not limited.running(), timeout=20, what="the last two runs to finish")
     assert all(_read(i).state.is_completed() for i in ids)
+
+
+def test_health_fails_once_polling_stops():
+    """The Kubernetes probes of runner.yaml read GET /health, as from Prefect's runner webserver."""
+    idle = InProcessRunner(_served(), limit=1)  # not polling: the test sets when it last polled
+    server = start_health_server(idle, host="127.0.0.1", port=0, threshold_s=30)
+    url = f"http://127.0.0.1:{server.server_address[1]}/health"
+    try:
+        assert httpx.get(url).status_code == 200  # just started: within the threshold
+        idle.last_polled = time.monotonic() - 60  # the last successful poll a minute ago
+        response = httpx.get(url)
+        assert response.status_code == 503 and "unresponsive" in response.text
+        idle.last_polled = time.monotonic()
+        assert httpx.get(url).status_code == 200
+        assert httpx.get(url.replace("/health", "/other")).status_code == 404
+    finally:
+        server.shutdown()
 
 
 def _scheduled_later():
