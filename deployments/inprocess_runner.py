@@ -17,6 +17,8 @@ Crashed. Trade-off: fast start and shared memory, no process isolation, and a ru
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import signal
 import threading
 import time
@@ -135,6 +137,9 @@ class InProcessRunner:
         except Abort as e:
             log.info("flow run %s not claimed: %s", flow_run.id, e)
             return False
+        except Exception:  # deleted meanwhile, API error: the next poll sees it again if it is still due
+            log.exception("could not claim flow run %s", flow_run.id)
+            return False
         if not state.is_pending():
             log.info("flow run %s not claimed: it is %s", flow_run.id, state.type.value)
             return False
@@ -155,6 +160,8 @@ class InProcessRunner:
         """Run one flow run with Prefect's engine (parameters: the run's, validated, flow defaults filled)."""
         try:
             state = run_flow(flow, flow_run=flow_run, return_type="state", error_logger=log)
+            if inspect.isawaitable(state):  # an async flow: this thread runs its event loop
+                state = asyncio.run(state)
             log.info("flow run %s finished: %s", flow_run.name, getattr(state, "type", state))
         except BaseException as e:  # the engine itself failed: never leave the run Pending/Running
             log.exception("flow run %s crashed in the engine", flow_run.name)
@@ -183,7 +190,9 @@ class InProcessRunner:
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.grace_seconds
-        for run_id, thread in list(self._running.items()):
+        with self._lock:
+            running = list(self._running.items())
+        for run_id, thread in running:
             log.info("waiting for flow run %s to finish", run_id)
             thread.join(max(0.0, deadline - time.monotonic()))
         for run_id in self.running():

@@ -169,6 +169,18 @@ def test_a_claimed_run_cannot_be_claimed_again(runner):
         client.set_flow_run_state(run.id, _cancelled(), force=True)
 
 
+@pytest.mark.parametrize("state", ["Cancelling", "Cancelled"])
+def test_a_run_cancelled_before_it_starts_is_not_claimed(runner, state):
+    from prefect.states import Cancelled, Cancelling
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("fd-test-fail/fail")
+        run = client.create_flow_run_from_deployment(deployment.id, state=_scheduled_later())
+        client.set_flow_run_state(run.id, Cancelling() if state == "Cancelling" else Cancelled(), force=True)
+        assert InProcessRunner(_served(), limit=1)._claim(client, run) is False
+        assert _read(run.id).state.is_cancelled()  # (a Cancelling run that never started ends Cancelled)
+
+
 def test_the_limit_is_honoured():
     """Driven poll by poll (no background loop): with limit 2, four due runs start two at a time."""
     suffix = uuid.uuid4().hex[:6]
