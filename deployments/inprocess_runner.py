@@ -74,6 +74,7 @@ class InProcessRunner:
         self._running: dict[UUID, threading.Thread] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._hurry = threading.Event()
         self._next_mark_ready = 0.0
         self.last_polled: float | None = None  # time.monotonic() of the last successful poll
 
@@ -185,18 +186,19 @@ class InProcessRunner:
         self._drain()
 
     def stop(self) -> None:
-        """Stop polling for new runs; ``run()`` returns once running flows finish or the grace period ends."""
+        """Stop polling for new runs; ``run()`` returns once running flows finish or the grace period ends.
+        A second call stops waiting for them."""
+        if self._stopping.is_set():
+            self._hurry.set()
         self._stopping.set()
 
     def _drain(self) -> None:
+        """Wait for running flows until the grace period ends (or a second stop); report the rest Crashed."""
         deadline = time.monotonic() + self.grace_seconds
-        with self._lock:
-            running = list(self._running.items())
-        for run_id, thread in running:
-            log.info("waiting for flow run %s to finish", run_id)
-            thread.join(max(0.0, deadline - time.monotonic()))
+        while self.running() and time.monotonic() < deadline and not self._hurry.is_set():
+            self._hurry.wait(0.2)  # poll
         for run_id in self.running():
-            log.warning("flow run %s still running after %g s grace: reported Crashed", run_id, self.grace_seconds)
+            log.warning("flow run %s still running at shutdown: reported Crashed", run_id)
             _crash_if_unfinished(run_id, message="fd-recovery serve stopped before the flow run finished")
 
 
@@ -218,7 +220,8 @@ def serve_in_process(
     runner = InProcessRunner(served, limit=limit, poll_seconds=poll_seconds)
 
     def _on_signal(signum: int, _frame: Any) -> None:
-        log.info("%s: stopping; running flows get %g s to finish", signal.Signals(signum).name, runner.grace_seconds)
+        log.info("%s: stopping; running flows get %g s to finish (again: stop now)", signal.Signals(signum).name,
+                 runner.grace_seconds)
         runner.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

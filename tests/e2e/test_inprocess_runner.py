@@ -59,6 +59,13 @@ def gated() -> None:
         raise TimeoutError("the test never opened the gate")
 
 
+def _close_gate() -> None:
+    """Gated flows wait from now on; starts counted by earlier tests are forgotten."""
+    GATE.clear()
+    while ENTERED.acquire(blocking=False):
+        pass
+
+
 def _served(suffix: str = "") -> list[tuple]:
     trigger = DeploymentEventTrigger(
         expect={"fd.test.inprocess"}, match={"prefect.resource.id": "fd.test.inprocess"},
@@ -186,7 +193,7 @@ def test_the_limit_is_honoured():
     suffix = uuid.uuid4().hex[:6]
     limited = InProcessRunner([(gated.to_deployment(name=f"gated-{suffix}"), gated)], limit=2, poll_seconds=0.1)
     [deployment_id] = limited.register()
-    GATE.clear()
+    _close_gate()
     with get_client(sync_client=True) as client:
         ids = [client.create_flow_run_from_deployment(deployment_id).id for _ in range(4)]
         first = limited.poll_once(client)
@@ -220,6 +227,45 @@ def test_health_fails_once_polling_stops():
         assert httpx.get(url.replace("/health", "/other")).status_code == 404
     finally:
         server.shutdown()
+
+
+def test_stop_lets_running_flows_finish_and_a_second_stop_reports_them_crashed():
+    suffix = uuid.uuid4().hex[:6]
+    r = InProcessRunner([(gated.to_deployment(name=f"drain-{suffix}"), gated)], limit=2, poll_seconds=0.1,
+                        grace_seconds=30)
+    r2: InProcessRunner | None = None
+    _close_gate()
+    thread = threading.Thread(target=r.run, daemon=True)
+    thread.start()
+    try:
+        [deployment_id] = wait_for(lambda: r.deployment_ids, timeout=30, what="the deployment registered")
+        with get_client(sync_client=True) as client:
+            finishing = client.create_flow_run_from_deployment(deployment_id).id
+            assert ENTERED.acquire(timeout=20), "the gated flow did not start"
+            r.stop()  # first stop: no new runs, the running one may finish
+            late = client.create_flow_run_from_deployment(deployment_id).id
+            assert thread.is_alive() and r.running() == [finishing]
+            GATE.set()
+            thread.join(20)
+            assert not thread.is_alive()
+            assert _read(finishing).state.is_completed()
+            assert _read(late).state.is_scheduled()  # left for the next serve process
+            client.set_flow_run_state(late, _cancelled(), force=True)
+
+            _close_gate()
+            r2 = InProcessRunner(r._served, limit=1, poll_seconds=0.1, grace_seconds=30)
+            thread = threading.Thread(target=r2.run, daemon=True)
+            thread.start()
+            stuck = client.create_flow_run_from_deployment(deployment_id).id
+            assert ENTERED.acquire(timeout=30), "the gated flow did not start"
+            r2.stop()
+            r2.stop()  # second stop: do not wait for it
+            thread.join(10)
+            assert not thread.is_alive()
+            assert _read(stuck).state.is_crashed()
+    finally:
+        GATE.set()
+        wait_for(lambda: not r.running() and not (r2 and r2.running()), timeout=20, what="the flows to end")
 
 
 def _scheduled_later():
