@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
+
+import sqlalchemy as sa
 
 from sandbox.drills import FlowRuns, post_alert, run_timeline
 from sandbox.stack import Stack, wait_until
 
+PG_ADMIN_URL = os.environ.get("FD_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 POLL_S = 0.005  # how finely the remediation request is timed
 
 
@@ -67,6 +74,24 @@ def measure_one(stack: Stack, runs: FlowRuns, *, timeout_s: float) -> dict[str, 
             "flow_run_ended_s": timeline["ended"]}
 
 
+@contextmanager
+def scratch_database(*, enabled: bool) -> Iterator[str | None]:
+    """A fresh PostgreSQL database for the Prefect server (asyncpg URL), dropped afterwards; None if disabled."""
+    if not enabled:
+        yield None
+        return
+    name = f"fd_latency_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+asyncpg://{PG_ADMIN_URL.split('://', 1)[1].rsplit('/', 1)[0]}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def percentile(samples: list[float], q: float) -> float:
     """The q-th percentile (0..100) by linear interpolation."""
     ordered = sorted(samples)
@@ -81,10 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each remediation")
     parser.add_argument("--warmup", type=int, default=1, help="alerts fired first and not counted")
     parser.add_argument("--state-dir", default=None, help="keep the stack's logs here (default: a temporary dir)")
+    parser.add_argument(
+        "--prefect-db", choices=["postgresql", "sqlite"], default="postgresql",
+        help="the Prefect server's database: PostgreSQL as in production (a scratch database, dropped after), "
+        "or SQLite (its write locks add ~2 s retries to some requests under load)",
+    )
     args = parser.parse_args(argv)
     overrides = {"pod_deletions_per_hour": 10 * (args.alerts + args.warmup), "target_cooldown_s": 1}
-    with tempfile.TemporaryDirectory(prefix="fd-latency-") as tmp, Stack.start(
-        state_dir=args.state_dir or tmp,
+    with tempfile.TemporaryDirectory(prefix="fd-latency-") as tmp, scratch_database(
+        enabled=args.prefect_db == "postgresql"
+    ) as prefect_db, Stack.start(
+        state_dir=args.state_dir or tmp, prefect_database_url=prefect_db,
         load_rate_per_s=2.0, settings_overrides=overrides,
         say=lambda msg: print(msg, file=sys.stderr),
     ) as stack:
@@ -107,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples_s": [round(s, 3) for s in samples],
         "p50_flow_run_created_s": round(percentile(created, 50), 3) if created else None,
         "p50_flow_run_started_s": round(percentile(started, 50), 3) if started else None,
+        "prefect_db": args.prefect_db,
         "measured": "webhook POST to the bridge -> DELETE/eviction of the pod received by the sandbox API",
     }
     print(json.dumps(result))

@@ -194,8 +194,12 @@ class Stack:
         say: Callable[[str], None] = lambda _msg: None,
         server_timeout_s: float = 90.0,
         serve_timeout_s: float = 120.0,
+        prefect_database_url: str | None = None,
     ) -> Stack:
-        """Start every part; on any failure everything already started is stopped before raising."""
+        """Start every part; on any failure everything already started is stopped before raising.
+
+        ``prefect_database_url`` (``postgresql+asyncpg://...``) runs the Prefect server on PostgreSQL as in
+        production; by default it uses a SQLite file in the state directory."""
         state = Path(state_dir).resolve()
         if state.exists() and any(state.iterdir()):
             if not (state / MARKER).exists():
@@ -208,7 +212,8 @@ class Stack:
             self._start(load_rate_per_s=load_rate_per_s, step_ms=step_ms, batch=batch,
                         settings_overrides={**DRILL_SETTINGS, **(settings_overrides or {})},
                         parameter_overrides={**DRILL_PARAMETERS, **(parameter_overrides or {})},
-                        say=say, server_timeout_s=server_timeout_s, serve_timeout_s=serve_timeout_s)
+                        say=say, server_timeout_s=server_timeout_s, serve_timeout_s=serve_timeout_s,
+                        prefect_database_url=prefect_database_url)
         except BaseException:
             self.stop()
             raise
@@ -238,14 +243,17 @@ class Stack:
         say: Callable[[str], None],
         server_timeout_s: float,
         serve_timeout_s: float,
+        prefect_database_url: str | None,
     ) -> None:
         t0 = time.monotonic()
         port = free_port()
         self.ui_url = f"http://127.0.0.1:{port}"
         self.api_url = f"{self.ui_url}/api"
         env = self._prefect_env()
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.state_dir / 'prefect' / 'prefect.db'}"
-        say(f"starting Prefect server (SQLite) on {self.ui_url} ...")
+        sqlite = f"sqlite+aiosqlite:///{self.state_dir / 'prefect' / 'prefect.db'}"
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_database_url or sqlite
+        backend = "PostgreSQL" if prefect_database_url else "SQLite"
+        say(f"starting Prefect server ({backend}) on {self.ui_url} ...")
         server = ChildProcess.spawn(
             "prefect-server",
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
