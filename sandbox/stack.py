@@ -287,7 +287,7 @@ class Stack:
         })
         self.heartbeat()
 
-        say("starting the runner (fd-recovery serve: every deployment of prefect.yaml, polling every second) ...")
+        say("starting the runner (fd-recovery serve: every deployment of prefect.yaml, flow runs in-process) ...")
         serve_env = {**self._prefect_env(), **settings_env(self.flow_settings)}
         serve = ChildProcess.spawn(
             "fd-recovery-serve", [sys.executable, "-m", "deployments.cli", "serve"],
