@@ -43,6 +43,7 @@ from deployments.alerts import (
     Source,
     translate,
 )
+from sandbox.http_server import BackgroundApp, ServeError
 
 log = logging.getLogger("ferrumdeck.bridge")
 
@@ -346,41 +347,17 @@ def run_bridge(settings: BridgeSettings, *, log_level: str = "info") -> None:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, proxy_headers=False)
 
 
-class BackgroundBridge:
+class BackgroundBridge(BackgroundApp):
     """The bridge served by uvicorn in a background thread (tests, the demo, benchmarks).
 
     ``with BackgroundBridge(app) as bridge: bridge.url`` — the port is picked by the OS unless given.
     """
 
-    def __init__(self, app: Starlette, *, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 10) -> None:
-        self._app, self.host, self._port, self._start_timeout_s = app, host, port, start_timeout_s
-        self._served = None
+    name = "bridge"
+    lifespan = "on"
 
     def start(self) -> BackgroundBridge:
-        from sandbox.http_server import ServeError, serve_app
-
         try:
-            self._served = serve_app(
-                self._app, host=self.host, port=self._port, name="bridge", timeout_s=self._start_timeout_s, lifespan="on"
-            )
+            return super().start()
         except ServeError as e:
             raise BridgeError("the bridge did not start") from e
-        return self
-
-    @property
-    def port(self) -> int:
-        return self._served.port if self._served else self._port
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def stop(self) -> None:
-        if self._served is not None:
-            self._served.stop(timeout_s=10)
-
-    def __enter__(self) -> BackgroundBridge:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

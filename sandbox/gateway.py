@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from sandbox.http_server import ServedApp, serve_app
+from sandbox.http_server import BackgroundApp
 from tasks import runs
 from tasks.connections import redis_client
 from tasks.gateway import InvalidIdError, validate_id
@@ -120,8 +120,10 @@ def create_app(*, settings: Settings | Callable[[], Settings], api_key: SecretSt
     return app
 
 
-class GatewayServer:
+class GatewayServer(BackgroundApp):
     """The sandbox gateway served by uvicorn in a background thread on a free loopback port."""
+
+    name = "gateway"
 
     def __init__(
         self,
@@ -131,17 +133,7 @@ class GatewayServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ):
-        self.app = create_app(settings=settings, api_key=api_key)
-        self.host, self._port = host, port
-        self._served: ServedApp | None = None
-
-    @property
-    def port(self) -> int:
-        return self._served.port if self._served else self._port
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        super().__init__(create_app(settings=settings, api_key=api_key), host=host, port=port)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -150,20 +142,6 @@ class GatewayServer:
     def inject_fault(self, *, status: int = 503, times: int = 1, retry_after: str | None = None) -> None:
         """Make the next ``times`` calls answer ``status`` (e.g. 503 with ``Retry-After: 1``)."""
         self.app.state.faults.extend(Fault(status=status, retry_after=retry_after) for _ in range(times))
-
-    def start(self, *, timeout_s: float = 10.0) -> GatewayServer:
-        self._served = serve_app(self.app, host=self.host, port=self._port, name="gateway", timeout_s=timeout_s)
-        return self
-
-    def stop(self) -> None:
-        if self._served is not None:
-            self._served.stop(timeout_s=10)
-
-    def __enter__(self) -> GatewayServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     server.start()
     print(f"sandbox gateway on {server.url}", flush=True)
     try:
-        server._served.thread.join()
+        server.thread.join()
     except KeyboardInterrupt:
         server.stop()
 

@@ -61,3 +61,46 @@ def serve_app(
             raise ServeError(f"{name} did not start on {host}:{bound_port} within {timeout_s} s")
         time.sleep(0.01)  # poll
     return ServedApp(url=f"http://{host}:{bound_port}", port=bound_port, server=server, thread=thread)
+
+
+class BackgroundApp:
+    """An ASGI app served in a background thread: ``start()``/``stop()`` or ``with``; ``url`` once started.
+
+    Subclasses set ``name`` and ``lifespan`` and add what their app offers (the bridge, the sandbox gateway).
+    """
+
+    name = "app"
+    lifespan = "off"
+
+    def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 10.0) -> None:
+        self.app, self.host, self._port, self._start_timeout_s = app, host, port, start_timeout_s
+        self._served: ServedApp | None = None
+
+    def start(self):
+        self._served = serve_app(
+            self.app, host=self.host, port=self._port, name=self.name, timeout_s=self._start_timeout_s,
+            lifespan=self.lifespan,
+        )
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._served.port if self._served else self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._served.thread if self._served else None
+
+    def stop(self) -> None:
+        if self._served is not None:
+            self._served.stop(timeout_s=10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
