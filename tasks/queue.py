@@ -35,6 +35,9 @@ SAMPLE_PER_KIND = 10  # sample rows kept per decision/outcome, so rare ones (poi
 DLQ_ERROR = "Max retries exceeded"
 
 
+#: when Redis reports the group's lag as unknown, it is counted, up to this many entries
+LAG_COUNT_CAP = 100_000
+
 class QueueError(Exception):
     """A queue recovery cannot proceed (missing stream or group, bad policy, Redis refused)."""
 
@@ -299,6 +302,9 @@ def inspect_queue(*, settings: Settings) -> QueueSnapshot:
             pipe.xpending(settings.stream, settings.group)
             pipe.xinfo_consumers(settings.stream, settings.group)
             summary, consumers = pipe.execute()
+        lag = group.get("lag")
+        if lag is None:  # Redis cannot say (entries deleted, or the group was set to an arbitrary id): count
+            lag = len(client.xrange(settings.stream, f"({group['last-delivered-id']}", "+", count=LAG_COUNT_CAP))
     except redis.RedisError as e:
         raise QueueError(f"cannot inspect `{settings.stream}`: {e}") from e
     return QueueSnapshot(
@@ -306,7 +312,7 @@ def inspect_queue(*, settings: Settings) -> QueueSnapshot:
         stream_exists=True,
         group_exists=True,
         length=length,
-        lag=group.get("lag"),
+        lag=lag,
         last_delivered_id=group.get("last-delivered-id"),
         entries_read=group.get("entries-read"),
         pending=summary["pending"],
