@@ -238,19 +238,25 @@ def test_naive_cutoff_is_refused(runs_settings):
         runs.find_stuck_runs(settings=runs_settings, cutoff=datetime.now() - timedelta(minutes=30))
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_explain_uses_the_status_started_at_index(runs_settings):
-    r = runs_settings.runs_table
-    with db_engine(runs_settings).begin() as conn:
+def _seed_20000_runs(settings) -> None:
+    """20 000 runs, 1 % of them running, one second apart (PostgreSQL), vacuumed and analyzed as on a long-lived
+    table (visibility map set), so the planner's choice is the one production sees."""
+    with db_engine(settings).begin() as conn:
         conn.execute(
             sa.text(
-                f"INSERT INTO {r} (id, status, started_at) SELECT 'run_' || g, "
+                f"INSERT INTO {settings.runs_table} (id, status, started_at) SELECT 'run_' || g, "
                 "CASE WHEN g % 100 = 0 THEN 'running' ELSE 'completed' END, now() - g * interval '1 second' "
                 "FROM generate_series(1, 20000) g"
             )
         )
-    with db_engine(runs_settings).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text(f"VACUUM ANALYZE {r}"))  # visibility map set, as on a long-lived table
+    with db_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text(f"VACUUM ANALYZE {settings.runs_table}"))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_explain_uses_the_status_started_at_index(runs_settings):
+    r = runs_settings.runs_table
+    _seed_20000_runs(runs_settings)
     first = runs.stuck_runs_query(settings=runs_settings, cutoff=ago(30)).limit(runs_settings.runs_batch_size)
     later = runs.stuck_runs_query(settings=runs_settings, cutoff=ago(30), after=(ago(100), "run_150"))
     engine = db_engine(runs_settings)
@@ -476,17 +482,8 @@ def test_explain_fail_stuck_runs_uses_the_status_started_at_index(runs_settings)
     from psycopg.types.json import Jsonb
 
     r = runs_settings.runs_table
-    with db_engine(runs_settings).begin() as conn:
-        conn.execute(
-            sa.text(
-                f"INSERT INTO {r} (id, status, started_at) SELECT 'run_' || g, "
-                "CASE WHEN g % 100 = 0 THEN 'running' ELSE 'completed' END, now() - g * interval '1 second' "
-                "FROM generate_series(1, 20000) g"
-            )
-        )
+    _seed_20000_runs(runs_settings)
     engine = db_engine(runs_settings)
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text(f"VACUUM ANALYZE {r}"))
     stmt = runs.fail_stuck_runs_statement(
         settings=runs_settings, cutoff=ago(30), limit=100, error=dict(runs.WORKER_TIMEOUT), now=datetime.now(UTC)
     )
