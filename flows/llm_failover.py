@@ -22,6 +22,7 @@ from prefect.variables import Variable
 from pydantic import BaseModel, Field
 
 from tasks import kube
+from tasks.errors import RETRY
 from tasks.events import emit_recovery_event
 from tasks.guard import Verdict, check, llm_failover_budget
 from tasks.llm_policy import (
@@ -38,7 +39,7 @@ from tasks.llm_policy import (
 )
 from tasks.probes import ProviderStatus, provider_statuses
 from tasks.report import Report
-from tasks.runs import llm_failures_by_model, retry_if_temporary
+from tasks.runs import llm_failures_by_model
 from tasks.settings import Settings, get_settings
 
 SWITCH_ACTION = "set-llm-model"  # one cooldown key for failover and failback: no flapping
@@ -65,10 +66,7 @@ class ModelSwitch(BaseModel):
 
 @task(
     name="count-llm-failures",
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=retry_if_temporary,
-    cache_policy=NO_CACHE,
+    **RETRY,
 )
 def count_llm_failures(*, settings: Settings, since: datetime) -> dict[str, Any]:
     """Finished-or-running LLM steps and failures per model since ``since`` (one GROUP BY in the runs DB)."""

@@ -22,8 +22,9 @@ from pydantic import BaseModel, Field
 from flows._ui import describe_parameters
 from tasks import runs
 from tasks.correlate import PlanStep, TriageObservation, plan_triage
+from tasks.errors import RETRY
 from tasks.probes import check_mcp_health
-from tasks.recovery import RETRY, observe_workers
+from tasks.recovery import observe_workers
 from tasks.report import Report, artifact_key, markdown_table
 from tasks.settings import Settings, get_settings
 

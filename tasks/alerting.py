@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from tasks.errors import RETRY, RecoveryError
 from tasks.report import scrub
 from tasks.settings import Settings
 
@@ -22,8 +22,10 @@ _TIME_KEYS = ("last_heartbeat_at", "last_heartbeat", "last_seen_at", "last_seen"
 _AGE_KEYS = ("age_seconds", "age_s", "age")
 
 
-class AlertingError(Exception):
+class AlertingError(RecoveryError):
     """The alerting endpoint could not be asked (connection error, timeout, 5xx)."""
+
+    temporary = True
 
 
 class AlertingStatus(BaseModel):
@@ -73,16 +75,6 @@ def judge_heartbeat(*, payload: Any, now: datetime, max_age_s: float) -> Alertin
     )
 
 
-def _retry_temporary(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's hook signature
-    try:
-        state.result()
-    except AlertingError:
-        return True
-    except Exception:  # noqa: BLE001 - anything else is permanent
-        return False
-    return False
-
-
 def _get(client: httpx.Client, url: str) -> httpx.Response:
     try:
         response = client.get(url)
@@ -93,8 +85,7 @@ def _get(client: httpx.Client, url: str) -> httpx.Response:
     return response
 
 
-@task(name="check-alerting", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_temporary,
-      cache_policy=NO_CACHE)
+@task(name="check-alerting", **RETRY)
 def check_alerting(*, settings: Settings, mode: str | None = None, now: datetime | None = None) -> AlertingStatus:
     """Ask the configured alerting endpoint whether alerts are flowing (read-only)."""
     mode = mode or settings.alerting_check

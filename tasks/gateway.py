@@ -23,6 +23,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, SecretStr
 
+from tasks.errors import RecoveryError
+from tasks.guard import guarded
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
-class GatewayError(Exception):
+class GatewayError(RecoveryError):
     """The gateway refused or failed a call in a way retrying will not fix."""
 
 
@@ -41,6 +43,8 @@ class GatewayAuthError(GatewayError):
 
 class GatewayTemporaryError(GatewayError):
     """The gateway stayed unavailable (429/5xx or no connection) through every attempt."""
+
+    temporary = True
 
 
 class InvalidIdError(GatewayError, ValueError):
@@ -221,9 +225,13 @@ class RetryBatch(BaseModel):
     errors: dict[str, str]
 
 
-def retry_steps(*, settings: Settings, targets: Sequence[tuple[str, str]]) -> RetryBatch:
+@guarded("retry-steps")
+def retry_steps(*, settings: Settings, targets: Sequence[tuple[str, str]], dry_run: bool) -> RetryBatch:
     """Retry many (run_id, step_id) through one shared client; a failed step is reported, not fatal,
-    except an auth failure, which stops the batch at once (every later call would fail the same way)."""
+    except an auth failure, which stops the batch at once (every later call would fail the same way).
+    A dry run calls nothing and returns no outcomes."""
+    if dry_run:
+        return RetryBatch(outcomes=[], errors={})
     key = resolve_api_key(settings=settings)
     outcomes: list[RetryOutcome] = []
     errors: dict[str, str] = {}

@@ -1,20 +1,30 @@
-"""The guard every mutating task asks first: dry run, kill switch, per-target cooldown, blast-radius budget.
+"""The guard no mutating task can skip: dry run, kill switch, per-target cooldown, blast-radius budget.
 
-A refusal is a reported outcome (``Verdict.allowed is False`` with a reason), never a crash. Budgets are
-Prefect global concurrency limits used as rate limits (slot decay), created on first use and acquired with
-``strict=True`` so a missing limit can never silently allow everything.
+Every function that changes a system is declared with ``@guarded(...)`` (under its ``@task``): it takes a
+required ``dry_run`` keyword, and unless it is a dry run the decorator asks the guard before the body runs —
+kill switch, then the target's cooldown and the budget when declared. A refusal raises ``Refused`` (a reported
+outcome, never retried) and nothing changes; a body that raises gives its cooldown back, so a failed action does
+not block the next attempt. ``GUARDED`` lists every such function, so a test can walk them all.
+
+Budgets are Prefect global concurrency limits used as rate limits (slot decay), created on first use and
+acquired with ``strict=True`` so a missing limit can never silently allow everything.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from tasks.connections import redis_client
+from tasks.errors import Refused
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -177,3 +187,75 @@ def refuse_if_paused(*, dry_run: bool, settings: Settings) -> Verdict:
     if dry_run:
         return Verdict(allowed=False, dry_run=True, reason="dry run: nothing changed")
     return Verdict(allowed=True, reason="allowed")
+
+
+# ------------------------------------------------------------------------------ the decorator
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: every guarded function by action name (filled at import by ``@guarded``)
+GUARDED: dict[str, Callable[..., Any]] = {}
+
+
+def _release_cooldown(*, settings: Settings, action: str, target: str) -> None:
+    redis_client(settings).delete(_cooldown_key(settings, action, target))
+
+
+def authorize(
+    *, action: str, target: str, settings: Settings, budget: Budget | None = None, cooldown_s: int | None = None
+) -> None:
+    """Ask the guard for one real action; raise ``Refused`` with the reason when it says no.
+
+    Order: kill switch, cooldown (so repeated alerts do not spend budget), budget. On yes the cooldown and one
+    budget slot are taken.
+    """
+    verdict = check(action=action, target=target, dry_run=False, settings=settings, budget=budget,
+                    cooldown_s=cooldown_s)
+    if verdict.refused:
+        raise Refused(verdict.reason.removeprefix("refused: "))
+
+
+def guarded(
+    action: str,
+    *,
+    target: Callable[[Mapping[str, Any]], str] | None = None,
+    budget: Callable[[Settings], Budget] | None = None,
+    cooldown: bool = False,
+) -> Callable[[F], F]:
+    """Declare ``fn`` as changing a system (see the module docstring).
+
+    ``target`` names what it acts on from its keyword arguments (for the cooldown and the report); ``budget``
+    picks the blast-radius budget it spends; ``cooldown`` makes it act on one target at most once per
+    ``FD_TARGET_COOLDOWN_S``. The function must take keyword-only ``settings`` and ``dry_run`` (no default).
+    """
+
+    def decorate(fn: F) -> F:
+        params = inspect.signature(fn).parameters
+        for name in ("settings", "dry_run"):
+            p = params.get(name)
+            if p is None or p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default is not inspect.Parameter.empty:
+                raise TypeError(f"@guarded {fn.__name__}: needs a keyword-only `{name}` without a default")
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            if "dry_run" not in kwargs or "settings" not in kwargs:
+                raise TypeError(f"{fn.__name__}() changes a system: pass settings= and dry_run= explicitly")
+            if kwargs["dry_run"]:
+                return fn(**kwargs)
+            settings: Settings = kwargs["settings"]
+            what = target(kwargs) if target else "-"
+            cooldown_s = None if cooldown else 0
+            authorize(action=action, target=what, settings=settings,
+                      budget=budget(settings) if budget else None, cooldown_s=cooldown_s)
+            try:
+                return fn(**kwargs)
+            except BaseException:
+                if cooldown and settings.target_cooldown_s > 0:
+                    _release_cooldown(settings=settings, action=action, target=what)
+                raise
+
+        wrapper.guard_action = action  # type: ignore[attr-defined]
+        GUARDED[action] = wrapper
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -26,10 +26,11 @@ from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from pydantic import BaseModel
 
+from tasks.errors import RETRY, RecoveryError
+from tasks.guard import guarded, llm_failover_budget, pod_deletion_budget
 from tasks.kube_diagnosis import (
     Classification,
     PodDiagnosis,
@@ -49,8 +50,7 @@ from tasks.kube_diagnosis import (
     set_env_patch,
     wants_logs,
 )
-from tasks.report import scrub
-from tasks.settings import Settings, get_settings
+from tasks.settings import Settings
 
 __all__ = [
     "Classification",
@@ -78,7 +78,6 @@ __all__ = [
     "list_worker_pods",
     "pod_cpu_millicores",
     "ready_worker_count",
-    "retry_on_temporary",
     "rollout_restart",
     "scale_deployment",
     "set_deployment_env",
@@ -94,14 +93,8 @@ T = TypeVar("T")
 # ---------------------------------------------------------------- errors
 
 
-class KubeError(Exception):
+class KubeError(RecoveryError):
     """A Kubernetes API call failed; ``temporary`` errors are worth retrying. Messages never hold tokens."""
-
-    temporary = False
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(scrub(message))
-        self.status = status
 
 
 class KubeConfigError(KubeError):
@@ -190,34 +183,9 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(__name__)
 
 
-def is_temporary(exc: BaseException) -> bool:
-    """Whether an error from a Kubernetes task is worth a retry (429, 5xx, connection problems)."""
-    return isinstance(exc, KubeError) and exc.temporary
-
-
-def retry_on_temporary(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry only temporary Kubernetes errors, never bad input or 404/409."""
-    try:
-        state.result()
-    except Exception as exc:  # the task's own exception, re-raised by result()
-        return is_temporary(exc)
-    return False
-
-
-# Retry delays are part of each @task's definition, so they are read once, at import (FD_KUBE_RETRY_DELAYS_S).
-RETRY_DELAYS_S: list[float] = list(get_settings().kube_retry_delays_s)
-
-
 def kube_task(name: str, **options: Any) -> Callable[[Callable[..., T]], Any]:
-    """`@task` with this module's retry policy: temporary errors only, back-off from settings, no caching."""
-    return task(
-        name=name,
-        retries=len(RETRY_DELAYS_S),
-        retry_delay_seconds=RETRY_DELAYS_S or 0,
-        retry_condition_fn=retry_on_temporary,
-        cache_policy=NO_CACHE,
-        **options,
-    )
+    """`@task` with the one retry policy (``tasks.errors.RETRY``): temporary errors only, back-off, no caching."""
+    return task(name=name, **RETRY, **options)
 
 
 # ---------------------------------------------------------------- client factory
@@ -499,6 +467,7 @@ def diagnose_pods(
 
 
 @kube_task("delete-pod", task_run_name="delete {pod}")
+@guarded("delete-pod", target=lambda kw: kw["pod"], budget=pod_deletion_budget, cooldown=True)
 def delete_pod(*, settings: Settings, pod: str, evict: bool = False, dry_run: bool) -> PodActionResult:
     """Delete a pod (or evict it through the Eviction API so PodDisruptionBudgets apply); a pod that is
     already gone counts as deleted with ``changed=False``. RBAC: pods delete / pods/eviction create, pods get.
@@ -645,6 +614,7 @@ def wait_for_replacement_ready(
 
 
 @kube_task("scale-deployment", task_run_name="scale {deployment} to {replicas}")
+@guarded("scale-deployment", target=lambda kw: f"deployment/{kw['deployment']}")
 def scale_deployment(
     *, settings: Settings, deployment: str, replicas: int, max_replicas: int | None = None, dry_run: bool
 ) -> ScaleResult:
@@ -706,6 +676,8 @@ def get_deployment_env(*, settings: Settings, deployment: str, container: str, n
 
 
 @kube_task("set-deployment-env", task_run_name="set {name} on {deployment}")
+@guarded("set-deployment-env", target=lambda kw: f"deployment/{kw['deployment']}", budget=llm_failover_budget,
+         cooldown=True)
 def set_deployment_env(
     *, settings: Settings, deployment: str, container: str, name: str, value: str | None, dry_run: bool
 ) -> EnvResult:
@@ -738,6 +710,7 @@ def set_deployment_env(
 
 
 @kube_task("rollout-restart", task_run_name="rollout restart {deployment}")
+@guarded("rollout-restart", target=lambda kw: f"deployment/{kw['deployment']}", cooldown=True)
 def rollout_restart(*, settings: Settings, deployment: str, dry_run: bool) -> RolloutRestartResult:
     """Restart a Deployment's pods like `kubectl rollout restart` (a restartedAt template annotation).
     RBAC: deployments get (dry run), patch.

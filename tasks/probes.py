@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from tasks.errors import RETRY, RecoveryError
 from tasks.settings import Settings
 
 Indicator = Literal["none", "minor", "major", "critical", "maintenance", "unknown"]
@@ -24,12 +25,14 @@ _INDICATORS: frozenset[str] = frozenset({"none", "minor", "major", "critical", "
 _USER_AGENT = "ferrumdeck-recovery/probes"
 
 
-class ProbeError(Exception):
+class ProbeError(RecoveryError):
     """A probe could not get a usable answer (bad document, 4xx)."""
 
 
 class ProbeTemporaryError(ProbeError):
     """A probe failed in a way worth retrying: connection error, timeout, 429 or 5xx."""
+
+    temporary = True
 
 
 # --- the shared client ---------------------------------------------------------------------------------------
@@ -61,17 +64,6 @@ def reset_http_clients() -> None:
 
 def _is_temporary_status(code: int) -> bool:
     return code == 429 or code >= 500
-
-
-def retry_temporary(task_obj, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry only connection errors, timeouts, 429 and 5xx."""
-    try:
-        state.result()
-    except ProbeTemporaryError:
-        return True
-    except Exception:
-        return False
-    return False
 
 
 # --- MCP health ----------------------------------------------------------------------------------------------
@@ -222,10 +214,7 @@ def read_status_page(*, client: httpx.Client, provider: str, url: str) -> Provid
 @task(
     name="fetch-status-page",
     task_run_name="fetch-status-page {provider}",
-    retries=2,
-    retry_delay_seconds=[0.2, 1.0],
-    retry_condition_fn=retry_temporary,
-    cache_policy=NO_CACHE,
+    **RETRY,
 )
 def fetch_status_page(*, settings: Settings, provider: str, url: str) -> ProviderStatus:
     """One provider's Statuspage indicator; temporary failures are retried by Prefect."""

@@ -21,11 +21,12 @@ from typing import Any, Literal, NamedTuple
 
 import redis
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tasks import queue_scripts
 from tasks.connections import redis_client
+from tasks.errors import RETRY, RecoveryError
+from tasks.guard import guarded
 from tasks.settings import Settings
 
 Action = Literal["requeue", "claim", "dead_letter", "orphan", "leave"]
@@ -38,8 +39,13 @@ DLQ_ERROR = "Max retries exceeded"
 #: when Redis reports the group's lag as unknown, it is counted, up to this many entries
 LAG_COUNT_CAP = 100_000
 
-class QueueError(Exception):
-    """A queue recovery cannot proceed (missing stream or group, bad policy, Redis refused)."""
+class QueueError(RecoveryError):
+    """A queue recovery cannot proceed (missing stream or group, bad policy, Redis refused); ``temporary`` when
+    Redis could not be reached."""
+
+    @property
+    def temporary(self) -> bool:  # type: ignore[override]
+        return isinstance(self.__cause__, redis.ConnectionError | redis.TimeoutError)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -194,7 +200,6 @@ class ConsumerRecovery(SweepResult):
     """Result of taking every pending entry of the given consumers."""
 
     consumers: list[str] = Field(default_factory=list)
-    refused: str | None = None
 
 
 class ConsumerCleanup(BaseModel):
@@ -204,7 +209,6 @@ class ConsumerCleanup(BaseModel):
     deleted: list[str] = Field(default_factory=list)
     would_delete: list[str] = Field(default_factory=list)
     kept: dict[str, str] = Field(default_factory=dict)
-    refused: str | None = None
 
 
 class ReplayFilter(BaseModel):
@@ -389,7 +393,7 @@ def _int(value: Any) -> int:
 _ACTION_CODE = {"requeue": "R", "dead_letter": "D", "orphan": "O", "claim": "C"}
 
 
-def apply_decisions(
+def _apply_decisions(
     *, settings: Settings, decided: Sequence[tuple[PendingEntry, Decision]], policy: SweepPolicy
 ) -> list[tuple[PendingEntry, Decision, str, str]]:
     """Carry out decisions in ONE atomic Lua call; returns (entry, decision, status, new id) per entry.
@@ -444,7 +448,7 @@ def _sample(entry: PendingEntry, decision: Decision, status: str = "", new_id: s
     return row
 
 
-def sweep_page(
+def _sweep_page(
     *,
     settings: Settings,
     policy: SweepPolicy,
@@ -476,7 +480,7 @@ def sweep_page(
     if dry_run:
         result.samples = pick_samples(_sample(e, d) for e, d in decided if d.action != "leave")
     else:
-        outcomes = apply_decisions(settings=settings, decided=decided, policy=policy)
+        outcomes = _apply_decisions(settings=settings, decided=decided, policy=policy)
         result.done = dict(Counter(status for *_, status, _ in outcomes))
         result.samples = pick_samples(_sample(*o) for o in outcomes)
     full = len(page) == batch_size and not result.cap_reached
@@ -484,7 +488,7 @@ def sweep_page(
     return result
 
 
-def sweep_pending(
+def _sweep_pending(
     *,
     settings: Settings,
     policy: SweepPolicy,
@@ -503,7 +507,7 @@ def sweep_pending(
     total = SweepResult(dry_run=dry_run, next_start=start)
     while total.next_start is not None and (max_pages is None or total.pages < max_pages):
         moves = sum(v for k, v in total.decided.items() if k != "leave")
-        page = sweep_page(
+        page = _sweep_page(
             settings=settings,
             policy=policy,
             start=total.next_start,
@@ -516,9 +520,30 @@ def sweep_pending(
     return total
 
 
+sweep_pending = guarded("sweep-pending")(_sweep_pending)
+
+
+@guarded("dead-letter-entries", target=lambda kw: kw["consumer"])
+def dead_letter_pending(
+    *, settings: Settings, consumer: str, entries: Sequence[PendingEntry], reason: str, dry_run: bool
+) -> dict[str, str]:
+    """Dead-letter these pending entries of a dead ``consumer`` (e.g. the poison) in one atomic Lua step that
+    re-checks each is still owned by that consumer (a late ACK or a claim makes it a no-op).
+
+    Returns entry id -> status (``dead_lettered``, or why not); in a dry run every entry is ``would_dead_letter``.
+    """
+    if dry_run:
+        return {e.entry_id: "would_dead_letter" for e in entries}
+    policy = SweepPolicy(min_idle_ms=0, dead_consumers=[consumer])
+    outcomes = _apply_decisions(settings=settings, policy=policy,
+                                decided=[(e, Decision("dead_letter", reason)) for e in entries])
+    return {entry.entry_id: status for entry, _decision, status, _new_id in outcomes}
+
+
 # ----------------------------------------------------------------------------- consumer-level helpers
 
 
+@guarded("recover-consumers", target=lambda kw: ",".join(sorted(kw["consumers"])))
 def recover_consumers(
     *,
     settings: Settings,
@@ -536,13 +561,14 @@ def recover_consumers(
     policy = SweepPolicy(min_idle_ms=0, max_deliveries=max_deliveries, dead_consumers=names)
     result = ConsumerRecovery(dry_run=dry_run, consumers=names)
     for name in names:
-        part = sweep_pending(
+        part = _sweep_pending(
             settings=settings, policy=policy, batch_size=batch_size, dry_run=dry_run, consumer=name
         )
         result.merge(part)
     return result
 
 
+@guarded("delete-consumers")
 def delete_empty_consumers(
     *, settings: Settings, consumers: list[str] | None, min_idle_ms: int, dry_run: bool
 ) -> ConsumerCleanup:
@@ -656,6 +682,7 @@ def _iter_range(
 # ----------------------------------------------------------------------------------------- DLQ replay
 
 
+@guarded("replay-dlq")
 def replay_dlq(
     *,
     settings: Settings,
@@ -759,25 +786,7 @@ def outcome_rows(result: SweepResult) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------- Prefect tasks
 
 
-def _temporary(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only connection-level Redis errors; the Lua steps re-check, so a retry never moves twice."""
-    try:
-        state.result()
-    except QueueError as e:
-        return isinstance(e.__cause__, redis.ConnectionError | redis.TimeoutError)
-    except (redis.ConnectionError, redis.TimeoutError):
-        return True
-    except Exception:
-        return False
-    return False
-
-
-_RETRY: dict[str, Any] = {
-    "retries": 2,
-    "retry_delay_seconds": [1, 5],
-    "retry_condition_fn": _temporary,
-    "cache_policy": NO_CACHE,
-}
+_RETRY: dict[str, Any] = RETRY
 
 inspect_queue_task = task(name="inspect-queue", **_RETRY)(inspect_queue)
 locate_steps_task = task(name="locate-steps", **_RETRY)(locate_steps)
@@ -794,7 +803,7 @@ def sweep_pages_task(
     max_pages: int = 10,
     dry_run: bool,
 ) -> SweepResult:
-    """Up to ``max_pages`` pages of a sweep from ``start``: scan, decide, act (the flow guards before acting)."""
+    """Up to ``max_pages`` pages of a sweep from ``start``: scan, decide, act (guarded: a refusal raises ``Refused``)."""
     return sweep_pending(
         settings=settings,
         policy=policy,
@@ -806,47 +815,27 @@ def sweep_pages_task(
     )
 
 
-def _paused(settings: Settings, dry_run: bool) -> str | None:
-    from tasks.guard import refuse_if_paused
-
-    verdict = refuse_if_paused(dry_run=dry_run, settings=settings)
-    return verdict.reason if verdict.refused and not verdict.dry_run else None
-
-
 @task(name="recover-consumers", task_run_name="recover-consumers {consumers}", **_RETRY)
 def recover_consumers_task(
     *, settings: Settings, consumers: list[str], max_deliveries: int = 3, dry_run: bool
 ) -> ConsumerRecovery:
-    """Guarded ``recover_consumers``: with the kill switch on it only reports (dry run) and says why."""
-    refused = _paused(settings, dry_run)
-    result = recover_consumers(
-        settings=settings,
-        consumers=consumers,
-        max_deliveries=max_deliveries,
-        dry_run=dry_run or bool(refused),
-    )
-    result.refused = refused
-    return result
+    """``recover_consumers`` as a task (guarded: a refusal raises ``Refused``)."""
+    return recover_consumers(settings=settings, consumers=consumers, max_deliveries=max_deliveries, dry_run=dry_run)
 
 
 @task(name="delete-empty-consumers", **_RETRY)
 def delete_empty_consumers_task(
     *, settings: Settings, consumers: list[str] | None, min_idle_ms: int, dry_run: bool
 ) -> ConsumerCleanup:
-    """Guarded ``delete_empty_consumers``: with the kill switch on it only reports (dry run) and says why."""
-    refused = _paused(settings, dry_run)
-    result = delete_empty_consumers(
-        settings=settings, consumers=consumers, min_idle_ms=min_idle_ms, dry_run=dry_run or bool(refused)
-    )
-    result.refused = refused
-    return result
+    """``delete_empty_consumers`` as a task (guarded: a refusal raises ``Refused``)."""
+    return delete_empty_consumers(settings=settings, consumers=consumers, min_idle_ms=min_idle_ms, dry_run=dry_run)
 
 
 @task(name="replay-dlq", **_RETRY)
 def replay_dlq_task(
     *, settings: Settings, flt: ReplayFilter, max_entries: int = 1000, batch_size: int = 1000, dry_run: bool
 ) -> ReplayResult:
-    """DLQ replay in batches (the flow guards before calling with dry_run=False)."""
+    """``replay_dlq`` as a task (guarded: a refusal raises ``Refused``)."""
     return replay_dlq(
         settings=settings, flt=flt, max_entries=max_entries, batch_size=batch_size, dry_run=dry_run
     )

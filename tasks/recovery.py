@@ -14,13 +14,12 @@ from typing import Any
 
 import redis
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from tasks import kube as _kube
 from tasks import queue
 from tasks.connections import redis_client
 from tasks.correlate import ConsumerState, PendingEntry, PodState, Sample, WorkerLink, correlate
+from tasks.errors import RETRY
 from tasks.guard import Verdict, check, pod_deletion_budget
 from tasks.settings import Settings
 
@@ -89,39 +88,6 @@ def build_view(*, settings: Settings, pods: Iterable[Any], snapshot: queue.Queue
     links = correlate(pods=list(states.values()), consumers=consumer_states(snapshot),
                       consumer_for_pod=settings.consumer_for_pod)
     return WorkersView(links=links, pods=states, snapshot=snapshot)
-
-
-# ------------------------------------------------------------------------------------ retry policy
-
-
-def is_temporary(error: BaseException) -> bool:
-    """Errors a retry can fix: Kubernetes 429/5xx/connection, Redis connection/timeout, lost DB connections."""
-    from tasks import kube, runs
-
-    if kube.is_temporary(error) or runs.is_temporary(error):
-        return True
-    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
-        return True
-    cause = error.__cause__
-    return isinstance(error, queue.QueueError) and isinstance(cause, redis.ConnectionError | redis.TimeoutError)
-
-
-def retry_if_temporary(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry a task only when it failed for a temporary reason."""
-    try:
-        state.result()
-    except Exception as e:  # noqa: BLE001 - classify whatever the task raised
-        return is_temporary(e)
-    return False
-
-
-# the same back-off as the Kubernetes tasks (FD_KUBE_RETRY_DELAYS_S, read at import; short in tests)
-RETRY: dict[str, Any] = {
-    "retries": len(_kube.RETRY_DELAYS_S),
-    "retry_delay_seconds": list(_kube.RETRY_DELAYS_S) or 0,
-    "retry_condition_fn": retry_if_temporary,
-    "cache_policy": NO_CACHE,
-}
 
 
 # ------------------------------------------------------------------------------------ observations
@@ -194,28 +160,18 @@ def dead_letter_entries(
 ) -> DeadLettered:
     """Dead-letter these pending entries of a dead consumer (the poison), through the queue's atomic Lua step
     that re-checks each is still owned by that consumer (a late ACK or a claim makes it a no-op)."""
-    from tasks.guard import refuse_if_paused
-
     result = DeadLettered(dry_run=dry_run)
-    verdict = refuse_if_paused(dry_run=dry_run, settings=settings)
-    if verdict.refused and not verdict.dry_run:
-        result.refused = verdict.reason
-        return result
     wanted = set(entry_ids)
     found = [e for page in queue.iter_pending(settings=settings, consumer=consumer) for e in page
              if e.entry_id in wanted]
     result.skipped = {i: "no longer pending" for i in wanted - {e.entry_id for e in found}}
-    if dry_run:
-        result.dead_lettered = [e.entry_id for e in found]
-        return result
-    policy = queue.SweepPolicy(min_idle_ms=0, dead_consumers=[consumer])
-    outcomes = queue.apply_decisions(settings=settings, policy=policy,
-                                     decided=[(e, queue.Decision("dead_letter", reason)) for e in found])
-    for entry, _decision, status, _new_id in outcomes:
-        if status == "dead_lettered":
-            result.dead_lettered.append(entry.entry_id)
+    statuses = queue.dead_letter_pending(settings=settings, consumer=consumer, entries=found, reason=reason,
+                                         dry_run=dry_run)
+    for entry_id, status in statuses.items():
+        if status in ("dead_lettered", "would_dead_letter"):
+            result.dead_lettered.append(entry_id)
         else:
-            result.skipped[entry.entry_id] = status
+            result.skipped[entry_id] = status
     return result
 
 
@@ -255,8 +211,6 @@ def settle_worker_runs(
     """Decide each still-running run of these through the stuck-runs policy (live consumers known), then
     fail (guarded UPDATE re-checking ``running``) or retry its steps through the gateway."""
     from tasks import gateway, runs, stuck_policy
-    from tasks.guard import refuse_if_paused
-
     result = SettledRuns(dry_run=dry_run)
     ids = sorted(set(r for r in run_ids if r))
     if not ids:
@@ -271,17 +225,14 @@ def settle_worker_runs(
     decisions = stuck_policy.decide(runs=running, steps=steps, locations=locations, action="auto",
                                     max_step_retries=max_step_retries, live_consumers=set(live_consumers))
     result.decisions = [{"run": d.run_id, "decision": str(d.decision), "reason": d.reason} for d in decisions]
-    verdict = refuse_if_paused(dry_run=dry_run, settings=settings)
-    if verdict.refused:
-        result.refused = verdict.reason
-        return result
     to_fail = [d.run_id for d in decisions if d.decision == stuck_policy.Decision.FAIL]
     if to_fail:
-        result.failed = runs.fail_runs(settings=settings, run_ids=to_fail, cutoff=None).changed
+        failed = runs.fail_runs(settings=settings, run_ids=to_fail, cutoff=None, dry_run=dry_run)
+        result.failed = failed.would_change if dry_run else failed.changed
     targets = [(d.run_id, s) for d in decisions if d.decision == stuck_policy.Decision.RETRY for s in d.retry_steps]
     if targets:
         try:
-            batch = gateway.retry_steps(settings=settings, targets=targets)
+            batch = gateway.retry_steps(settings=settings, targets=targets, dry_run=dry_run)
         except gateway.GatewayError as e:
             result.errors["gateway"] = str(e)
         else:

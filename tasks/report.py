@@ -1,12 +1,26 @@
-"""The keyed markdown report every flow run leaves behind: what it saw, decided, did and verified."""
+"""The one renderer: every flow's keyed markdown report comes from its typed ``RecoveryResult``.
+
+Flows never assemble markdown. ``recording`` wraps a flow's body so a run that raises still publishes what it
+saw and did up to the failure; ``conclude`` publishes the report and returns the run's final state (Failed for
+``partial``, ``not_verified`` and ``failed``, with the typed result as the state's data).
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from tasks.outcome import Block, Outcome, RecoveryResult, Table
+
+if TYPE_CHECKING:
+    from prefect.states import State
+
+R = TypeVar("R", bound=RecoveryResult)
 
 SECTIONS = ("Observed", "Decided", "Done", "Verified")
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<cred>[^/@\s]+)@", re.IGNORECASE)
@@ -38,8 +52,86 @@ def markdown_table(rows: Iterable[Mapping[str, Any]], *, limit: int = 50) -> str
     return "\n".join(lines)
 
 
+def _block(block: Block) -> str:
+    if isinstance(block, Table):
+        return (f"**{scrub(block.caption)}**\n\n" if block.caption else "") + markdown_table(block.rows)
+    return scrub(block)
+
+
+_MARK = {True: "✅", False: "❌"}
+
+
+def render(result: RecoveryResult) -> str:
+    """The report of one run: outcome first (with its cause when not green), then the four sections."""
+    outcome = result.outcome
+    head = [f"# {scrub(result.title)}", "", f"**Outcome: {outcome.value}**"
+            + (f" — {scrub(result.cause())}" if outcome not in (Outcome.RECOVERED, Outcome.NOTHING_TO_DO) else "")
+            + f" · {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC"]
+    done = [{"action": a.kind, "target": a.target, "status": a.status.value,
+             "count": "" if a.count is None else a.count, "detail": a.detail} for a in result.actions]
+    verified = [{"check": c.name, "ok": _MARK[c.ok], "evidence": c.detail} for c in result.checks]
+    sections = {
+        "Observed": [_block(b) for b in result.observed],
+        "Decided": [_block(b) for b in result.decided] + ([f"Blocked: {scrub(result.blocked)}"] if result.blocked else []),
+        "Done": [markdown_table(done)] if done else [],
+        "Verified": [markdown_table(verified)] if verified else [],
+    }
+    if result.error:
+        sections["Done"].append(f"**The run failed:** {scrub(result.error)}")
+    body: list[str] = []
+    for name in SECTIONS:
+        body += ["", f"## {name}", "", "\n\n".join(sections[name]) or "_nothing_"]
+    return "\n".join(head + body) + "\n"
+
+
+def publish(result: RecoveryResult, *, key: str | None = None) -> str:
+    """Create (or update) the run's keyed markdown artifact from its result; return the markdown."""
+    from prefect.artifacts import create_markdown_artifact
+
+    markdown = render(result)
+    create_markdown_artifact(key=artifact_key(key or result.flow), markdown=markdown,
+                             description=f"{result.title}: {result.outcome.value}")
+    return markdown
+
+
+class recording(AbstractContextManager):  # noqa: N801 - used as ``with recording(result):``
+    """Run a flow body; if it raises, record the error on the result (outcome ``failed``) and carry on to
+    ``conclude`` so the report of what was seen and done is still published and the run still ends Failed."""
+
+    def __init__(self, result: R) -> None:
+        self.result = result
+
+    def __enter__(self) -> R:
+        return self.result
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        log = logging.getLogger(__name__)
+        with suppress(Exception):
+            from prefect import get_run_logger
+
+            log = get_run_logger()  # type: ignore[assignment]
+        log.error("%s failed: %s: %s", self.result.flow, type(exc).__name__, scrub(str(exc))[:500],
+                  exc_info=(exc_type, exc, tb))
+        self.result.error = f"{type(exc).__name__}: {scrub(str(exc))[:300]}"
+        return True
+
+
+def conclude(result: R, *, key: str | None = None) -> R | State:
+    """Publish the report; return the result (Completed) or a Failed state carrying it when the outcome fails."""
+    from prefect import get_run_logger
+    from prefect.states import Failed
+
+    publish(result, key=key)
+    get_run_logger().info("%s: %s — %s", result.flow, result.outcome.value, scrub(result.cause()))
+    if result.outcome.failing:
+        return Failed(message=f"{result.outcome.value}: {scrub(result.cause())}"[:500], data=result)
+    return result
+
+
 @dataclass
-class Report:
+class Report:  # legacy: removed once every flow renders from its RecoveryResult
     """A four-part report built up as a flow runs, then published once as a keyed markdown artifact."""
 
     title: str

@@ -22,13 +22,13 @@ from typing import Any, TypedDict
 
 import sqlalchemy as sa
 from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
 
 from tasks.connections import db_engine
+from tasks.errors import RETRY, RecoveryError
+from tasks.guard import guarded
 from tasks.settings import Settings
 
 RUNNING = "running"
@@ -37,12 +37,14 @@ QUEUED_STEP_STATUSES = ("queued", "pending")
 WORKER_TIMEOUT = {"code": "WORKER_TIMEOUT", "message": "Worker did not respond"}
 
 
-class RunsError(Exception):
+class RunsError(RecoveryError):
     """A runs-database operation failed for a reason that retrying will not fix."""
 
 
 class RunsTemporaryError(RunsError):
     """A runs-database operation failed for a passing reason (connection lost, serialization, lock, busy)."""
+
+    temporary = True
 
 
 # --- schema -------------------------------------------------------------------------------------------
@@ -143,8 +145,8 @@ def drop_schema(*, settings: Settings) -> None:
 _TEMPORARY_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"}
 
 
-def is_temporary(error: BaseException) -> bool:
-    """True for errors a retry can fix: lost connections, serialization failures, deadlocks, busy SQLite."""
+def is_temporary_db_error(error: BaseException) -> bool:
+    """True for database errors a retry can fix: lost connections, serialization failures, deadlocks, busy SQLite."""
     if isinstance(error, sa.exc.DBAPIError):
         if error.connection_invalidated:
             return True
@@ -170,7 +172,7 @@ class _errors:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
         if exc is None or isinstance(exc, RunsError) or not isinstance(exc, Exception):
             return False
-        kind = RunsTemporaryError if is_temporary(exc) else RunsError
+        kind = RunsTemporaryError if is_temporary_db_error(exc) else RunsError
         detail = type(getattr(exc, "orig", None) or exc).__name__
         raise kind(f"could not {self.what}: {detail}: {_first_line(exc)}") from exc
 
@@ -178,11 +180,6 @@ class _errors:
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return text[0][:300] if text else ""
-
-
-def retry_if_temporary(task_obj: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry a task only when it failed with ``RunsTemporaryError``."""
-    return isinstance(getattr(state, "data", None), RunsTemporaryError)
 
 
 # --- results ------------------------------------------------------------------------------------------
@@ -217,6 +214,7 @@ class FailResult(BaseModel):
     requested: int
     changed: list[str]
     unchanged: list[str]
+    would_change: list[str] = []
 
 
 class ModelFailures(TypedDict):
@@ -343,6 +341,7 @@ def read_step(*, settings: Settings, run_id: str, step_id: str) -> StepRow | Non
     return StepRow.model_validate(dict(row)) if row else None
 
 
+@guarded("fail-runs")
 def fail_runs(
     *,
     settings: Settings,
@@ -350,6 +349,7 @@ def fail_runs(
     cutoff: datetime | None,
     error: dict[str, Any] | None = None,
     now: datetime | None = None,
+    dry_run: bool,
 ) -> FailResult:
     """Fail these runs in one transaction, one guarded ``UPDATE ... RETURNING`` per batch.
 
@@ -357,10 +357,17 @@ def fail_runs(
     that completed after it was found is never touched; the result says exactly which runs changed.
     Ids are taken in sorted order, so batches are deterministic and the primary-key index is walked in order;
     a concurrent fail of the same runs waits on the row lock and then skips them (they are no longer running).
+    A dry run changes nothing: ``would_change`` lists the runs the UPDATE would fail now.
     """
     ids = sorted(set(run_ids))
     if not ids:
         return FailResult(requested=0, changed=[], unchanged=[])
+    if dry_run:
+        current = read_runs(settings=settings, run_ids=ids)
+        would = [i for i in ids if (row := current.get(i)) is not None and row.status == RUNNING
+                 and (cutoff is None or (row.started_at is not None and _aware(row.started_at) < _aware(cutoff)))]
+        return FailResult(requested=len(ids), changed=[], unchanged=[i for i in ids if i not in set(would)],
+                          would_change=would)
     r = tables(settings).runs
     error = dict(WORKER_TIMEOUT if error is None else error)
     now = _aware(now) if now is not None else datetime.now(UTC)
@@ -432,6 +439,7 @@ def fail_stuck_runs_statement(
     return update
 
 
+@guarded("fail-stuck-runs")
 def fail_stuck_runs(
     *,
     settings: Settings,
@@ -439,16 +447,19 @@ def fail_stuck_runs(
     limit: int,
     error: dict[str, Any] | None = None,
     now: datetime | None = None,
+    dry_run: bool,
 ) -> list[str]:
     """Fail the (at most ``limit``) oldest runs ``running`` since before ``cutoff`` in ONE statement.
 
     Set-based: no ids travel to the database, only the changed ids come back (oldest first). The UPDATE
     re-checks ``status = 'running' AND started_at < cutoff`` on every row it changes, so a run that completed
     concurrently is never touched; on PostgreSQL rows locked by another sweep are skipped, not waited for.
-    Running it again fails nothing more (idempotent).
+    Running it again fails nothing more (idempotent). A dry run returns the ids it would fail, changing nothing.
     """
     if limit < 1:
         raise RunsError(f"limit must be >= 1, got {limit}")
+    if dry_run:
+        return find_stuck_runs(settings=settings, cutoff=cutoff, limit=limit)
     stmt = fail_stuck_runs_statement(
         settings=settings,
         cutoff=_aware(cutoff),
@@ -571,13 +582,7 @@ def record_step_finished(
 
 # --- Prefect tasks (the same functions, retried only on temporary errors) --------------------------------
 
-_TASK_OPTIONS: dict[str, Any] = {
-    "retries": 3,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=1),
-    "retry_jitter_factor": 0.5,
-    "retry_condition_fn": retry_if_temporary,
-    "cache_policy": NO_CACHE,
-}
+_TASK_OPTIONS: dict[str, Any] = RETRY
 
 find_stuck_runs_task = task(name="find-stuck-runs", **_TASK_OPTIONS)(find_stuck_runs)
 find_unfinished_steps_task = task(name="find-run-steps", **_TASK_OPTIONS)(find_unfinished_steps)

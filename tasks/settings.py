@@ -44,10 +44,10 @@ class Settings(BaseSettings):
         None, description="kubeconfig path; default: `KUBECONFIG`, then in-cluster, then ~/.kube/config."
     )
     kube_timeout_s: float = Field(10.0, gt=0, description="Timeout of every Kubernetes API call, in seconds.")
-    kube_retry_delays_s: list[float] = Field(
-        default_factory=lambda: [1.0, 2.0, 4.0],
-        description="Back-off between retries of a Kubernetes task (429, 5xx, connection errors); "
-        "one retry per entry. Read when tasks.kube is imported.",
+    retry_delays_s: list[float] = Field(
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0],
+        description="Back-off between retries of any task that failed for a temporary reason (Kubernetes 429/5xx, "
+        "connection loss, database busy), one retry per entry, with 20% jitter. Read when tasks.errors is imported.",
     )
     hung_cpu_millicores: float = Field(
         5.0, ge=0, description="A Running+Ready worker using less CPU than this is a hang suspect."

@@ -15,7 +15,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 # Kubernetes task retries back off for milliseconds in tests (read when tasks.kube is imported).
-os.environ.setdefault("FD_KUBE_RETRY_DELAYS_S", "[0.05, 0.1, 0.2]")
+os.environ.setdefault("FD_RETRY_DELAYS_S", "[0.05, 0.1, 0.2]")
 
 import pytest
 import redis as redis_lib

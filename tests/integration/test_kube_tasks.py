@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasks import kube
+from tasks.errors import RETRY_DELAYS_S
 from tasks.kube import (
     Classification,
     KubeNotFound,
@@ -362,7 +363,7 @@ def test_500_beyond_the_retries_is_a_clear_error(ks, cluster):
         KubeServerError, match=r"list pods app=worker in ferrumdeck: HTTP 500 .*injected fault"
     ) as info:
         kube.list_worker_pods(settings=ks)
-    assert len(api_requests(cluster, resource="pods")) == 1 + len(kube.RETRY_DELAYS_S)
+    assert len(api_requests(cluster, resource="pods")) == 1 + len(RETRY_DELAYS_S)
     token = "sandbox-token"  # the kubeconfig's bearer token: sent, never shown
     assert token in Path(cluster.kubeconfig).read_text()
     assert token not in str(info.value) and token not in repr(info.value.__cause__)
@@ -458,7 +459,7 @@ def test_eviction_refused_by_a_disruption_budget(ks, cluster):
     with pytest.raises(KubeEvictionRefused, match="disruption budget"):
         kube.delete_pod(settings=ks, pod=before[0], evict=True, dry_run=False)
     evictions = api_requests(cluster, subresource="eviction")
-    assert len(evictions) == 1 + len(kube.RETRY_DELAYS_S) and {r.status for r in evictions} == {429}
+    assert len(evictions) == 1 + len(RETRY_DELAYS_S) and {r.status for r in evictions} == {429}
     assert worker_names(cluster) == before and all(ready(p) for p in cluster.pods(selector="app=worker"))
 
 

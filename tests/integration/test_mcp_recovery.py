@@ -16,9 +16,10 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from flows.mcp_recovery import McpRecoveryFailed, mcp_server_recovery
+from flows.mcp_recovery import mcp_server_recovery
 from sandbox.http_server import serve_app
 from sandbox.mcp import MCPServer
+from tasks.outcome import ActionStatus, Outcome
 from tasks.settings import Settings, use_settings
 
 
@@ -98,11 +99,12 @@ def test_healthy_server_is_a_noop_and_says_so(ms, cluster, mcp_stub):
     before = mcp_pods(cluster)
     state = mcp_server_recovery(dry_run=False, attempts=3, return_state=True)
     result = state.result()
-    assert result.outcome == "healthy" and result.healthy_before and not result.restarted
+    assert result.outcome is Outcome.NOTHING_TO_DO and result.healthy_before and not result.restarted
+    assert result.actions == [] and [c.ok for c in result.checks] == [True]
     assert mcp_pods(cluster) == before
     assert cluster.deployment("mcp-server")["spec"]["template"]["metadata"].get("annotations") in (None, {})
     md = report_of(state)
-    assert "nothing to do" in md and "3/3 checks ok" in md and "healthy, no-op" in md
+    assert "nothing to do" in md and "3/3 checks ok" in md
 
 
 def test_outage_is_cured_by_a_rollout_restart(ms, cluster, mcp_stub):
@@ -114,13 +116,14 @@ def test_outage_is_cured_by_a_rollout_restart(ms, cluster, mcp_stub):
     state = mcp_server_recovery(dry_run=False, attempts=3, deadline_s=15, return_state=True)
     result = state.result()
 
-    assert result.outcome == "recovered" and result.restarted and result.rollout_complete and result.healthy_after
+    assert state.is_completed()
+    assert result.outcome is Outcome.RECOVERED and result.restarted and result.rollout_complete and result.healthy_after
     assert not server.down and server.restarts_seen >= 1
     cluster.wait_until(lambda: mcp_pods(cluster) and not (mcp_pods(cluster) & before), timeout=15)
     annotations = cluster.deployment("mcp-server")["spec"]["template"]["metadata"]["annotations"]
     assert "kubectl.kubernetes.io/restartedAt" in annotations
     md = report_of(state)
-    assert "0/3 checks ok" in md and "HTTP 503" in md and "healthy again" in md and "recovered" in md
+    assert "0/3 checks ok" in md and "HTTP 503" in md and "Outcome: recovered" in md
     events = mcp_restart_events(started)
     assert len(events) == 1 and events[0].resource.id == "ferrumdeck.deployment.ferrumdeck.mcp-server"
 
@@ -133,10 +136,12 @@ def test_dry_run_restarts_nothing(ms, cluster, mcp_stub):
 
     state = mcp_server_recovery(dry_run=True, attempts=2, return_state=True)
 
-    assert state.result().outcome == "dry-run" and not state.result().restarted
+    assert state.result().outcome is Outcome.DRY_RUN and not state.result().restarted
     assert mcp_pods(cluster) == before and server.down
     assert cluster.deployment("mcp-server")["metadata"].get("generation") == generation
-    assert "dry run: would rollout-restart deployment/mcp-server" in report_of(state)
+    assert [(a.kind, a.target, a.status) for a in state.result().actions] == [
+        ("rollout-restart", "deployment/mcp-server", ActionStatus.DRY_RUN)]
+    assert "rollout-restart | deployment/mcp-server | dry_run" in report_of(state)
 
 
 def test_kill_switch_refuses_the_restart(ms, cluster, mcp_stub):
@@ -147,7 +152,7 @@ def test_kill_switch_refuses_the_restart(ms, cluster, mcp_stub):
 
     state = mcp_server_recovery(dry_run=False, attempts=1, return_state=True)
 
-    assert state.result().outcome == "refused"
+    assert state.is_completed() and state.result().outcome is Outcome.REFUSED
     assert mcp_pods(cluster) == before and server.down
     assert "kill switch" in report_of(state)
 
@@ -156,14 +161,14 @@ def test_alert_storm_restarts_once(ms, cluster, mcp_stub):
     server, _ = mcp_stub
     outage(cluster, server)
     first = mcp_server_recovery(dry_run=False, attempts=1, deadline_s=15)
-    assert first.outcome == "recovered"
+    assert first.outcome is Outcome.RECOVERED
     after_first = mcp_pods(cluster)
 
     # the same alert fires twice more; the server is sick again but within the cooldown nothing restarts
     outage(cluster, server)
     again = [mcp_server_recovery(dry_run=False, attempts=1) for _ in range(2)]
-    assert [r.outcome for r in again] == ["refused", "refused"]
-    assert all("cooldown" in r.verdict for r in again)
+    assert [r.outcome for r in again] == [Outcome.REFUSED, Outcome.REFUSED]
+    assert all("cooldown" in r.actions[0].detail for r in again)
     assert mcp_pods(cluster) == after_first
 
 
@@ -172,10 +177,10 @@ def test_restart_that_does_not_help_fails_the_run_after_reporting(ms, cluster, a
     with use_settings(s):
         state = mcp_server_recovery(dry_run=False, attempts=2, deadline_s=0.5, return_state=True)
     assert state.is_failed()
-    with pytest.raises(McpRecoveryFailed, match="still unhealthy"):
-        state.result()
-    md = report_of(state)
-    assert "still unhealthy" in md and "escalate" in md
+    result = state.result(raise_on_failure=False)
+    assert result.outcome is Outcome.NOT_VERIFIED and result.restarted
+    assert [c.name for c in result.failed_checks] == ["MCP server healthy after the restart"]
+    assert "Outcome: not_verified" in report_of(state)
 
 
 def test_nothing_listening_is_unhealthy(ms, cluster):
@@ -183,7 +188,7 @@ def test_nothing_listening_is_unhealthy(ms, cluster):
     with use_settings(s):
         state = mcp_server_recovery(dry_run=True, attempts=2, return_state=True)
     result = state.result()
-    assert not result.healthy_before and result.outcome == "dry-run"
+    assert not result.healthy_before and result.outcome is Outcome.DRY_RUN
     assert "ConnectError" in report_of(state)
 
 

@@ -51,9 +51,9 @@ def test_only_temporary_errors_are_retried():
     import redis
     import sqlalchemy as sa
 
+    from tasks.errors import is_temporary
     from tasks.kube import KubeNotFound, KubeServerError, KubeUnavailable
     from tasks.queue import QueueError
-    from tasks.recovery import is_temporary
 
     assert is_temporary(KubeServerError("list pods: HTTP 500", status=500))
     assert is_temporary(KubeUnavailable("unreachable"))

@@ -153,15 +153,16 @@ def test_missing_key_is_a_clear_error():
 
 @respx.mock
 def test_batch_reports_per_step_errors_but_stops_on_auth(gw_settings):
+    respx.route(path__startswith="/api/").pass_through()  # the guard reads the kill switch from Prefect
     respx.post(BASE + "/v1/runs/r1/steps/a/retry").mock(return_value=httpx.Response(202))
     respx.post(BASE + "/v1/runs/r1/steps/b/retry").mock(return_value=httpx.Response(500))
     respx.post(BASE + "/v1/runs/r2/steps/c/retry").mock(return_value=httpx.Response(404))
-    out = retry_steps(settings=gw_settings, targets=[("r1", "a"), ("r1", "b"), ("r2", "c"), ("r2", "../x")])
+    out = retry_steps(settings=gw_settings, targets=[("r1", "a"), ("r1", "b"), ("r2", "c"), ("r2", "../x")], dry_run=False)
     assert [(o.step_id, o.outcome) for o in out.outcomes] == [("a", "retried"), ("c", "not_found")]
     assert set(out.errors) == {"r1/b", "r2/../x"}
     respx.post(BASE + "/v1/runs/r3/steps/d/retry").mock(return_value=httpx.Response(401))
     with pytest.raises(GatewayAuthError):
-        retry_steps(settings=gw_settings, targets=[("r3", "d"), ("r1", "a")])
+        retry_steps(settings=gw_settings, targets=[("r3", "d"), ("r1", "a")], dry_run=False)
 
 
 def test_shared_client_has_timeouts_and_no_credentials(gw_settings):

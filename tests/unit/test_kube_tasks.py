@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
 from tasks import kube
+from tasks.errors import RETRY_DELAYS_S, is_temporary, retry_if_temporary
 from tasks.kube import (
     KubeConfigError,
     KubeConflict,
@@ -19,7 +20,6 @@ from tasks.kube import (
     KubeTooManyRequests,
     KubeUnavailable,
     kube_api_client,
-    retry_on_temporary,
 )
 from tasks.settings import Settings
 
@@ -112,7 +112,7 @@ def test_api_errors_map_to_our_classes(status, cls, temporary):
     with pytest.raises(cls) as info:
         kube._api("get pod w-1", call)
     assert type(info.value) is cls and info.value.status == status
-    assert info.value.temporary is temporary and kube.is_temporary(info.value) is temporary
+    assert info.value.temporary is temporary and is_temporary(info.value) is temporary
     assert str(info.value) == f'get pod w-1: HTTP {status} pods "w-1" boom'
     assert isinstance(info.value.__cause__, ApiException)
 
@@ -139,16 +139,16 @@ def test_error_messages_never_carry_a_bearer_token():
     ],
 )
 def test_retry_condition_only_for_temporary_errors(exc, retry):
-    assert retry_on_temporary(None, None, Failed(data=exc)) is retry
+    assert retry_if_temporary(None, None, Failed(data=exc)) is retry
 
 
 def test_retry_condition_false_for_a_completed_state():
-    assert retry_on_temporary(None, None, Completed(data=1)) is False
+    assert retry_if_temporary(None, None, Completed(data=1)) is False
 
 
 def test_tasks_declare_retries_with_configured_backoff_and_no_cache():
-    # tests/conftest.py sets FD_KUBE_RETRY_DELAYS_S to milliseconds before tasks.kube is imported
-    assert kube.RETRY_DELAYS_S == [0.05, 0.1, 0.2]
+    # tests/conftest.py sets FD_RETRY_DELAYS_S to milliseconds before tasks.errors is imported
+    assert RETRY_DELAYS_S == [0.05, 0.1, 0.2]
     for t in (
         kube.list_worker_pods,
         kube.diagnose_pods,
@@ -163,7 +163,7 @@ def test_tasks_declare_retries_with_configured_backoff_and_no_cache():
         kube.ready_worker_count,
     ):
         assert t.retries == 3 and t.retry_delay_seconds == [0.05, 0.1, 0.2], t.name
-        assert t.retry_condition_fn is retry_on_temporary and t.cache_policy is NO_CACHE, t.name
+        assert t.retry_condition_fn is retry_if_temporary and t.cache_policy is NO_CACHE, t.name
 
 
 def test_unreachable_api_is_a_temporary_error_without_secrets(unreachable):

@@ -14,7 +14,6 @@ from tasks.probes import (
     parse_status_document,
     probe_health,
     read_status_page,
-    retry_temporary,
 )
 from tasks.settings import Settings
 
@@ -155,6 +154,7 @@ def test_read_status_page_not_json(client):
     respx.get(STATUS).respond(200, text="<html>status</html>")
     with pytest.raises(ProbeError, match="not JSON"):
         read_status_page(client=client, provider="openai", url=STATUS)
+from tasks.errors import retry_if_temporary as retry_temporary  # noqa: E402
 
 
 class _State:

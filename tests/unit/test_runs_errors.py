@@ -42,7 +42,7 @@ def _wrapped(cls, orig, invalidated=False):
     ],
 )
 def test_temporary_errors_are_told_apart(error, temporary):
-    assert runs.is_temporary(error) is temporary
+    assert runs.is_temporary_db_error(error) is temporary
 
 
 def test_errors_are_wrapped_with_what_was_being_done_and_the_cause():
@@ -55,13 +55,13 @@ def test_errors_are_wrapped_with_what_was_being_done_and_the_cause():
 
 
 def test_retry_condition_only_retries_temporary_errors():
-    class State:
-        def __init__(self, data):
-            self.data = data
+    from prefect.states import Failed
 
-    assert runs.retry_if_temporary(None, None, State(runs.RunsTemporaryError("x")))
-    assert not runs.retry_if_temporary(None, None, State(runs.RunsError("x")))
-    assert not runs.retry_if_temporary(None, None, State(ValueError("x")))
+    from tasks.errors import retry_if_temporary
+
+    assert retry_if_temporary(None, None, Failed(data=runs.RunsTemporaryError("x")))
+    assert not retry_if_temporary(None, None, Failed(data=runs.RunsError("x")))
+    assert not retry_if_temporary(None, None, Failed(data=ValueError("x")))
 
 
 @pytest.mark.parametrize("dialect", [postgresql.dialect(), sqlite.dialect()])
@@ -88,4 +88,4 @@ def test_table_names_come_from_settings_and_are_cached():
 
 def test_empty_fail_does_nothing_without_a_database():
     s = Settings(database_url="postgresql://nobody@127.0.0.1:1/none")
-    assert runs.fail_runs(settings=s, run_ids=[], cutoff=None).requested == 0
+    assert runs.fail_runs(settings=s, run_ids=[], cutoff=None, dry_run=False).requested == 0
