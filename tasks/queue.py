@@ -126,6 +126,7 @@ class PendingEntry(NamedTuple):
     attempts: int = 0
     job_id: str = ""
     step_id: str = ""
+    run_id: str = ""
 
     @property
     def total_deliveries(self) -> int:
@@ -355,8 +356,9 @@ def scan_pending(
             _int(flat[i + 5]),
             flat[i + 6],
             flat[i + 7],
+            flat[i + 8],
         )
-        for i in range(0, len(flat), 8)
+        for i in range(0, len(flat), 9)
     ]
 
 

@@ -71,8 +71,8 @@ end
 
 # Read-only page of the pending list, enriched from the entries themselves.
 # KEYS: stream. ARGV: group, start (inclusive id, "(id" exclusive or "-"), count, consumer ("" = all).
-# Returns JSON: a flat array, 8 items per pending entry:
-#   id, consumer, idle_ms, deliveries, exists (1/0), attempts (text, "0" if absent), job_id, step_id.
+# Returns JSON: a flat array, 9 items per pending entry:
+#   id, consumer, idle_ms, deliveries, exists (1/0), attempts (text, "0" if absent), job_id, step_id, run_id.
 # Cost: one XPENDING of `count` entries and one range XRANGE over their ids: O(count + log N).
 SCAN_PENDING = (
     _HELPERS
@@ -90,19 +90,20 @@ local out = {}
 local n = 0
 for _, e in ipairs(p) do
   local f = entries[e[1]]
-  local exists, attempts, job, step = 0, '0', '', ''
+  local exists, attempts, job, step, run = 0, '0', '', '', ''
   if f then
     exists = 1
     for j = 1, #f, 2 do
       local k = f[j]
       if k == 'attempts' then attempts = f[j + 1]
       elseif k == 'job_id' then job = f[j + 1]
-      elseif k == 'step_id' then step = f[j + 1] end
+      elseif k == 'step_id' then step = f[j + 1]
+      elseif k == 'run_id' then run = f[j + 1] end
     end
   end
   out[n + 1] = e[1]; out[n + 2] = e[2]; out[n + 3] = e[3]; out[n + 4] = e[4]
-  out[n + 5] = exists; out[n + 6] = attempts; out[n + 7] = job; out[n + 8] = step
-  n = n + 8
+  out[n + 5] = exists; out[n + 6] = attempts; out[n + 7] = job; out[n + 8] = step; out[n + 9] = run
+  n = n + 9
 end
 return cjson.encode(out)
 """
