@@ -43,7 +43,7 @@ from deployments.alerts import (
     Source,
     translate,
 )
-from sandbox.http_server import BackgroundApp, ServeError
+from deployments.http_server import BackgroundApp, ServeError
 
 log = logging.getLogger("ferrumdeck.bridge")
 

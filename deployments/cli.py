@@ -1,14 +1,17 @@
 """``fd-recovery``: one command for every long-running part of ferrumdeck-recovery.
 
-Subcommands import their own module only when chosen, so ``fd-recovery --help`` stays fast.
+Subcommands import their own module only when chosen, so ``fd-recovery --help`` stays fast and the production
+commands (``bridge``, ``serve``) never load the sandbox: ``sandbox`` and ``demo`` reach it only when they run.
 Each subcommand is registered by an ``_add_<name>(subparsers)`` function below; add new ones the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _bridge(args: argparse.Namespace) -> int:
@@ -44,22 +47,40 @@ def _add_bridge(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_bridge)
 
 
-def _sandbox(args: argparse.Namespace) -> int:
-    from sandbox.__main__ import run
+def _checkout_package(name: str) -> None:
+    """Make ``name`` (``sandbox``: shipped in a checkout only, never installed) importable, or exit clearly.
 
-    return run(args)
+    From a checkout it is found beside ``deployments/`` (``python -m`` from the root already has it; the
+    ``fd-recovery`` console script of an editable install does not); an installed package has no sandbox.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if (root / name / "__init__.py").is_file():
+        if str(root) not in sys.path:
+            sys.path.append(str(root))
+    elif importlib.util.find_spec(name) is None:
+        raise SystemExit(
+            f"fd-recovery: `{name}` is part of a checkout of ferrumdeck-recovery, not of the installed package; "
+            "run this from a checkout (make demo, python -m sandbox)"
+        )
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    _checkout_package("sandbox")
+    from sandbox.__main__ import main as sandbox_main
+
+    return sandbox_main(args.passed_on, prog="fd-recovery sandbox")
 
 
 def _add_sandbox(subparsers: argparse._SubParsersAction) -> None:
-    from sandbox.__main__ import add_arguments  # argparse only: cheap
-
     p = subparsers.add_parser(
         "sandbox",
         help="run the living sandbox FerrumDeck (cluster, workers, gateway, MCP, LLM status) until interrupted",
-        description="Start the sandbox FerrumDeck in-process; print the kubeconfig path and URLs; "
-        "write <state-dir>/sandbox.env with the FD_* settings for the recovery flows.",
+        description="Same as `python -m sandbox` (from a checkout): start the sandbox FerrumDeck in-process; "
+        "print the kubeconfig path and URLs; write <state-dir>/sandbox.env with the FD_* settings for the "
+        "recovery flows. Options after `sandbox` are passed on (`fd-recovery sandbox --help` lists them).",
+        add_help=False,
     )
-    add_arguments(p)
+    p.add_argument("passed_on", nargs=argparse.REMAINDER)
     p.set_defaults(handler=_sandbox)
 
 
@@ -88,9 +109,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _checkout_package("sandbox")  # the demo drives the sandbox
     from deployments.demo import main as demo_main
 
-    return demo_main(args.demo_args)
+    return demo_main(args.passed_on)
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -101,7 +123,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "(--short, --keep, --scenarios ...; `fd-recovery demo --help` lists them).",
         add_help=False,
     )
-    p.add_argument("demo_args", nargs=argparse.REMAINDER)
+    p.add_argument("passed_on", nargs=argparse.REMAINDER)
     p.set_defaults(handler=_demo)
 
 
@@ -110,6 +132,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 _REGISTRARS = [_add_bridge, _add_sandbox, _add_serve, _add_demo]
+_PASSED_ON = {"sandbox", "demo"}  # subcommands whose options their own module parses, verbatim
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,11 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fd-recovery`` console script."""
-    args, extra = build_parser().parse_known_args(argv)
-    if extra and args.command != "demo":
-        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "demo":  # everything after `demo` belongs to the demo's own parser
-        args.demo_args = [*args.demo_args, *extra]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in _PASSED_ON:  # everything after `demo` / `sandbox` is for that command's own parser
+        args = parser.parse_args(argv[:1])
+        args.passed_on = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     return int(args.handler(args) or 0)
 
 

@@ -87,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m sandbox", description=__doc__.splitlines()[0]))
+def main(argv: list[str] | None = None, *, prog: str = "python -m sandbox") -> int:
+    """Parse the sandbox's options and run it (``python -m sandbox`` and ``fd-recovery sandbox``)."""
+    parser = add_arguments(argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0]))
     return run(parser.parse_args(argv))
 
 

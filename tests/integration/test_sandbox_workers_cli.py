@@ -84,3 +84,12 @@ def test_one_command_starts_the_sandbox_and_kubectl_sees_its_workers(
             proc.kill()
             raise
     assert code == 0
+
+
+def test_the_console_script_reaches_the_checkout_sandbox_from_any_directory(tmp_path: Path) -> None:
+    """`fd-recovery sandbox` (the installed script) finds the sandbox beside deployments/, from any cwd."""
+    script = Path(sys.executable).parent / "fd-recovery"
+    done = subprocess.run([str(script), "sandbox", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: fd-recovery sandbox") and "--state-dir" in done.stdout

@@ -302,6 +302,20 @@ def test_cli_refuses_to_start_without_a_prefect_api(monkeypatch, capsys):
     assert "PREFECT_API_URL" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command,module", [("demo", "deployments.demo"), ("sandbox", "sandbox.__main__")])
+def test_cli_passes_every_option_after_demo_or_sandbox_on_verbatim(monkeypatch, command, module):
+    """`fd-recovery demo|sandbox ...`: that command's own parser gets the options, in order, untouched."""
+    import importlib
+
+    got: list[list[str]] = []
+    monkeypatch.setattr(importlib.import_module(module), "main", lambda argv, **kw: got.append(argv) or 0)
+    from deployments.cli import main
+
+    argv = ["--short", "--scenarios", "crash", "mcp_outage", "--state-dir", "x"]
+    assert main([command, *argv]) == 0 and main([command]) == 0
+    assert got == [argv, []]
+
+
 def test_unreachable_dedupe_store_answers_503_and_sends_nothing(stub):
     import redis.asyncio as redis_asyncio
 
