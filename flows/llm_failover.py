@@ -2,75 +2,106 @@
 
 ``llm-provider-failover`` (alert-started): observe the workers' ``LITELLM_MODEL``, recent LLM step failures per
 model (runs database) and the providers' status pages -> decide (``tasks.llm_policy``) whether the current
-model is down and which fallback is the first healthy one -> set it on Deployment ``worker`` through the guard
-(kill switch, dry run, cooldown, budget: at most one model switch per 15 minutes) -> wait for the rollout ->
-record the active model in a Prefect Variable -> verify -> report.
+model is down and which fallback is the first healthy one -> act: ``kubectl set env`` on Deployment ``worker``
+(guarded inside the task: kill switch, dry run, a cooldown on the Deployment and the LLM failover budget, at
+most one model switch per 15 minutes) -> record the active model in a Prefect Variable -> verify: the rollout
+finished, the Deployment's env names the new model, and the new model's own LLM steps succeed (at least
+``verify_steps`` started after the switch, within ``verify_within_s``, failing below the failover error rate).
+No healthy fallback changes nothing and ends the run Failed (``not_verified``): the workers stay on a model
+that is down and a human must decide.
 
 ``llm-provider-failback`` (scheduled): while the workers run a fallback, remember since when the primary
-looks healthy (a Prefect Variable); once that lasts ``healthy_for_minutes``, switch back the same guarded way.
-Failover and failback share one cooldown and one budget, so the model cannot flap.
+looks healthy (a Prefect Variable); once that lasts ``healthy_for_minutes``, switch back and verify the same
+way. Failover and failback are the same guarded action on the same Deployment, so they share one cooldown and
+one budget: the model cannot flap.
 """
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.variables import Variable
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from flows._ui import describe_parameters
 from tasks import kube
 from tasks.errors import RETRY
 from tasks.events import emit_recovery_event
-from tasks.guard import Verdict, check, llm_failover_budget
 from tasks.llm_policy import (
-    FailbackDecision,
-    FailoverDecision,
+    FailureStats,
     ModelHealth,
     Thresholds,
     as_failure_stats,
     assess_model,
     decide_failback,
     decide_failover,
+    judge_new_model,
     provider_of,
     validate_chain,
 )
-from tasks.probes import ProviderStatus, provider_statuses
-from tasks.report import Report
+from tasks.outcome import RecoveryResult, Table
+from tasks.probes import provider_statuses
+from tasks.report import conclude, recording
 from tasks.runs import llm_failures_by_model
 from tasks.settings import Settings, get_settings
 
-SWITCH_ACTION = "set-llm-model"  # one cooldown key for failover and failback: no flapping
+FAILOVER, FAILBACK = "llm-provider-failover", "llm-provider-failback"
+VERIFY_POLL_S = 1.0
 
 EvidenceParam = Literal["any", "both", "failures", "status"]
+Decision = Literal["stay", "failover", "no-fallback", "on-primary", "primary-unhealthy", "no-evidence", "wait",
+                   "failback"]
+
+# parameters both flows take (one description each, shown in the Prefect UI form)
+Window = Annotated[int | None, Field(ge=1, le=1440, description="Judge models on LLM steps of the last N "
+                                     "minutes (default FD_LLM_FAILURE_WINDOW_MINUTES).")]
+MinSamples = Annotated[int | None, Field(ge=1, le=1_000_000, description="Fewest LLM steps of a model in the "
+                                         "window before its error rate counts (default FD_LLM_FAILOVER_MIN_SAMPLES).")]
+ErrorRate = Annotated[float | None, Field(gt=0, le=1, description="Error rate (failed/total) at or above which a "
+                                          "model is down (default FD_LLM_FAILOVER_ERROR_RATE).")]
+RolloutTimeout = Annotated[float | None, Field(gt=0, le=3600, description="How long to wait for the workers' "
+                                               "rollout (default FD_ROLLOUT_TIMEOUT_S).")]
+VerifySteps = Annotated[int, Field(ge=1, le=10_000, description="After a switch, this many LLM steps of the new "
+                                   "model must start and fail below the failover error rate to verify it.")]
+VerifyWithin = Annotated[float, Field(gt=0, le=3600, description="Wait at most this many seconds for those "
+                                      "steps; fewer arrive (no traffic) and the run ends not_verified.")]
 
 
-class ModelSwitch(BaseModel):
-    """What a failover/failback run did: the decision, the guard's verdict, the change and its verification."""
+class ModelSwitch(RecoveryResult):
+    """What a failover/failback run saw, decided, did and verified."""
 
-    flow: str
-    action: str
-    current: str | None
+    decision: Decision | None = None
+    current: str | None = None
     target: str | None = None
-    reason: str
-    dry_run: bool
-    verdict: str | None = None
-    changed: bool = False
+    reason: str = ""
+    switched: bool = False
     rollout_complete: bool | None = None
     model_after: str | None = None
-    verified: bool | None = None
+    steps_after: FailureStats | None = None
     healthy_since: datetime | None = None
 
 
-@task(
-    name="count-llm-failures",
-    **RETRY,
-)
-def count_llm_failures(*, settings: Settings, since: datetime) -> dict[str, Any]:
+@task(name="count-llm-failures", **RETRY)
+def count_llm_failures(*, settings: Settings, since: datetime) -> dict[str, FailureStats]:
     """Finished-or-running LLM steps and failures per model since ``since`` (one GROUP BY in the runs DB)."""
-    return dict(llm_failures_by_model(settings=settings, since=since))
+    return as_failure_stats(llm_failures_by_model(settings=settings, since=since))
+
+
+@task(name="wait-for-model-steps", **RETRY)
+def wait_for_model_steps(*, settings: Settings, model: str, since: datetime, min_steps: int,
+                         timeout_s: float) -> FailureStats:
+    """Poll the runs DB until ``min_steps`` LLM steps of ``model`` started since ``since``, or ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = as_failure_stats(llm_failures_by_model(settings=settings, since=since)).get(model, FailureStats())
+        remaining = deadline - time.monotonic()
+        if stats.total >= min_steps or remaining <= 0:
+            return stats
+        time.sleep(min(VERIFY_POLL_S, remaining))  # poll: new steps of the model
 
 
 @task(name="record-active-model", cache_policy=NO_CACHE)
@@ -102,279 +133,175 @@ def read_healthy_since(*, settings: Settings) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _iso(value: datetime | None) -> str:
-    return value.isoformat(timespec="seconds") if value else "forgotten"
+def _thresholds(settings: Settings, min_samples: int | None, error_rate: float | None,
+                evidence: str | None) -> Thresholds:
+    return Thresholds(min_samples=min_samples or settings.llm_failover_min_samples,
+                      max_error_rate=error_rate or settings.llm_failover_error_rate,
+                      evidence=evidence or settings.llm_failover_evidence)
 
 
-def _thresholds(
-    settings: Settings, min_samples: int | None, error_rate: float | None, evidence: str | None
-) -> Thresholds:
-    return Thresholds(
-        min_samples=min_samples or settings.llm_failover_min_samples,
-        max_error_rate=error_rate or settings.llm_failover_error_rate,
-        evidence=evidence or settings.llm_failover_evidence,
-    )
+def workers_model(settings: Settings) -> str | None:
+    """The ``LITELLM_MODEL`` of the workers' Deployment template."""
+    return kube.get_deployment_env(settings=settings, deployment=settings.worker_deployment,
+                                   container=settings.worker_container, name=settings.llm_model_env)
 
 
-def observe_models(
-    *, settings: Settings, models: list[str], window: timedelta, thresholds: Thresholds
-) -> dict[str, ModelHealth]:
+def observe_models(*, settings: Settings, models: list[str], window: timedelta,
+                   thresholds: Thresholds) -> dict[str, ModelHealth]:
     """Failures per model in the window plus each provider's status page, judged per model."""
-    failures = as_failure_stats(count_llm_failures(settings=settings, since=datetime.now(UTC) - window))
-    statuses: dict[str, ProviderStatus] = provider_statuses(
-        settings=settings, providers=[provider_of(m) for m in models]
-    )
-    return {
-        m: assess_model(model=m, failures=failures, statuses=statuses, thresholds=thresholds) for m in models
-    }
+    failures = count_llm_failures(settings=settings, since=datetime.now(UTC) - window)
+    statuses = provider_statuses(settings=settings, providers=[provider_of(m) for m in models])
+    return {m: assess_model(model=m, failures=failures, statuses=statuses, thresholds=thresholds) for m in models}
 
 
-def health_rows(health: dict[str, ModelHealth], current: str | None) -> list[dict[str, Any]]:
-    return [
-        {
-            "model": h.model + (" (current)" if h.model == current else ""),
-            "failed / total": f"{h.failed} / {h.total}",
-            "error rate": f"{h.error_rate:.0%}" if h.error_rate is not None else "-",
-            "status page": h.indicator,
-            "down": "yes" if h.down else "no",
-            "usable as fallback": "yes" if h.clean else "no",
-        }
+def health_table(health: dict[str, ModelHealth], *, current: str | None, caption: str) -> Table:
+    """One row per model: failures, error rate, status page, and the policy's verdicts."""
+    return Table(caption=caption, rows=[
+        {"model": h.model + (" (current)" if h.model == current else ""),
+         "failed / total": f"{h.failed} / {h.total}",
+         "error rate": f"{h.error_rate:.0%}" if h.error_rate is not None else "-",
+         "status page": h.indicator, "down": "yes" if h.down else "no",
+         "usable as fallback": "yes" if h.clean else "no"}
         for h in health.values()
-    ]
+    ])
 
 
-def switch_model(
-    *,
-    settings: Settings,
-    report: Report,
-    result: ModelSwitch,
-    target: str,
-    dry_run: bool,
-    rollout_timeout_s: float,
-    event: str,
-) -> bool:
-    """Guarded ``kubectl set env deployment/worker LITELLM_MODEL=<target>``, rollout wait, record, verify."""
-    deployment = settings.worker_deployment
-    verdict: Verdict = check(
-        action=SWITCH_ACTION,
-        target=f"deployment/{deployment}",
-        dry_run=dry_run,
-        settings=settings,
-        budget=llm_failover_budget(settings),
-    )
-    result.verdict = verdict.reason
-    if not verdict.allowed:
-        report.outcome = "dry run" if verdict.dry_run else "refused"
-        report.add("Done", f"Nothing changed — {verdict.reason} (`{settings.llm_model_env}={target}`).")
+def switch_model(result: ModelSwitch, *, settings: Settings, target: str, dry_run: bool, rollout_timeout_s: float,
+                 verify_steps: int, verify_within_s: float, max_error_rate: float, event: str) -> bool:
+    """Act and verify one switch (shared by failover and failback): guarded set env, record, event; then the
+    rollout, the Deployment's env and the new model's own steps. True when the env was set (not refused)."""
+    deployment, name = settings.worker_deployment, settings.llm_model_env
+    switched_at = datetime.now(UTC)
+    env = result.perform("set-deployment-env", f"deployment/{deployment}", dry_run=dry_run,
+                         call=lambda: kube.set_deployment_env(settings=settings, deployment=deployment,
+                                                              container=settings.worker_container, name=name,
+                                                              value=target, dry_run=dry_run),
+                         detail=lambda e: f"{name}={target} (was {e.previous})")
+    if env is None or dry_run:
         return False
-    env = kube.set_deployment_env(
-        settings=settings,
-        deployment=deployment,
-        container=settings.worker_container,
-        name=settings.llm_model_env,
-        value=target,
-        dry_run=False,
-    )
-    result.changed = env.changed
-    report.add(
-        "Done",
-        f"Set `{settings.llm_model_env}={target}` on Deployment `{deployment}` "
-        f"(was `{env.previous}`, changed: {env.changed}).",
-    )
-    rollout = kube.wait_for_rollout(settings=settings, deployment=deployment, timeout_s=rollout_timeout_s)
-    result.rollout_complete = bool(rollout.complete)
-    report.add("Done", f"Rollout of `{deployment}`: {rollout.message}.")
+    result.switched = env.changed
     record_active_model(settings=settings, model=target)
-    report.add("Done", f"Recorded the active model in Prefect Variable `{settings.llm_active_model_variable}`.")
-    emit_recovery_event(
-        action=event,
-        resource_id=f"deployment.{settings.namespace}.{deployment}",
-        payload={"from": result.current, "to": target, "reason": result.reason},
-    )
-    after = kube.get_deployment_env(
-        settings=settings, deployment=deployment, container=settings.worker_container, name=settings.llm_model_env
-    )
-    result.model_after = after
-    result.verified = after == target and bool(rollout.complete)
-    report.add(
-        "Verified",
-        f"Deployment `{deployment}` now has `{settings.llm_model_env}={after}`; rollout complete: "
-        f"{bool(rollout.complete)} -> {'OK' if result.verified else 'NOT VERIFIED'}.",
-    )
-    if not result.verified:
-        report.outcome = "not verified"
+    result.note("decided", f"Recorded `{target}` as the active model (Prefect Variable "
+                f"`{settings.llm_active_model_variable}`).")
+    emit_recovery_event(action=event, resource_id=f"deployment.{settings.namespace}.{deployment}",
+                        payload={"from": result.current, "to": target, "reason": result.reason})
+    # verify
+    rollout = kube.wait_for_rollout(settings=settings, deployment=deployment, timeout_s=rollout_timeout_s)
+    result.rollout_complete = rollout.complete
+    result.check("rollout finished", rollout.complete, rollout.message)
+    result.model_after = workers_model(settings)
+    result.check(f"Deployment `{deployment}` has {name}={target}", result.model_after == target,
+                 f"{name}={result.model_after}")
+    if rollout.complete:
+        result.steps_after = wait_for_model_steps(settings=settings, model=target, since=switched_at,
+                                                  min_steps=verify_steps, timeout_s=verify_within_s)
+        ok, evidence = judge_new_model(model=target, stats=result.steps_after, min_steps=verify_steps,
+                                       max_error_rate=max_error_rate)
+        result.check(f"LLM steps of `{target}` succeed", ok, f"{evidence} (waited at most {verify_within_s:g} s)")
     return True
 
 
-@flow(
-    name="llm-provider-failover",
-    flow_run_name="llm-failover dry_run={dry_run}",
-    description="Runbook 'LLM Provider Outage': switch LITELLM_MODEL on the workers to the first healthy "
-    "fallback when the current model is down (step failures and/or status pages).",
-)
+@flow(name=FAILOVER, flow_run_name="llm-failover dry_run={dry_run}",
+      description="Runbook 'LLM Provider Outage': switch LITELLM_MODEL on the workers to the first healthy "
+      "fallback when the current model is down (step failures and/or status pages), and verify its steps work.")
+@describe_parameters
 def llm_provider_failover(
-    dry_run: Annotated[bool, Field(description="Only show what would change.")] = True,
-    window_minutes: Annotated[int | None, Field(ge=1, le=1440, description="Failure window.")] = None,
-    min_samples: Annotated[int | None, Field(ge=1, le=1_000_000, description="Min LLM steps.")] = None,
-    error_rate: Annotated[float | None, Field(gt=0, le=1, description="Down at this error rate.")] = None,
-    evidence: Annotated[EvidenceParam | None, Field(description="What proves the model down.")] = None,
-    rollout_timeout_s: Annotated[float | None, Field(gt=0, le=3600, description="Rollout wait.")] = None,
+    dry_run: Annotated[bool, Field(description="Only observe, decide and report what would change; change "
+                                   "nothing anywhere.")] = True,
+    window_minutes: Window = None,
+    min_samples: MinSamples = None,
+    error_rate: ErrorRate = None,
+    evidence: Annotated[EvidenceParam | None, Field(description="What proves the current model down: `any` "
+                        "(failures or status page), `both`, `failures` or `status` (default "
+                        "FD_LLM_FAILOVER_EVIDENCE).")] = None,
+    rollout_timeout_s: RolloutTimeout = None,
+    verify_steps: VerifySteps = 5,
+    verify_within_s: VerifyWithin = 300.0,
 ) -> ModelSwitch:
-    """Fail the workers over to the first healthy LLM model of the fallback chain when the current one is down.
-
-    Args:
-        dry_run: Only observe, decide and report what would change; change nothing anywhere.
-        window_minutes: Judge models on LLM steps of the last N minutes (default FD_LLM_FAILURE_WINDOW_MINUTES).
-        min_samples: Fewest LLM steps of a model in the window before its error rate counts
-            (default FD_LLM_FAILOVER_MIN_SAMPLES).
-        error_rate: Error rate (failed/total) at or above which a model is down (default FD_LLM_FAILOVER_ERROR_RATE).
-        evidence: `any` (failures or status page), `both`, `failures` or `status` (default FD_LLM_FAILOVER_EVIDENCE).
-        rollout_timeout_s: How long to wait for the workers' rollout (default FD_ROLLOUT_TIMEOUT_S).
-    """
+    """Fail the workers over to the first healthy LLM model of the fallback chain when the current one is down."""
     settings = get_settings()
-    chain = validate_chain(list(settings.llm_fallback_models))
-    thresholds = _thresholds(settings, min_samples, error_rate, evidence)
-    window = timedelta(minutes=window_minutes or settings.llm_failure_window_minutes)
-    report = Report(title="LLM provider failover" + (" (dry run)" if dry_run else ""))
-
-    current = kube.get_deployment_env(
-        settings=settings,
-        deployment=settings.worker_deployment,
-        container=settings.worker_container,
-        name=settings.llm_model_env,
-    )
-    models = chain + ([current] if current and current not in chain else [])
-    health = observe_models(settings=settings, models=models, window=window, thresholds=thresholds)
-    report.add(
-        "Observed",
-        f"Deployment `{settings.worker_deployment}` runs `{settings.llm_model_env}={current}`. Evidence over the "
-        f"last {window.total_seconds() / 60:g} min (min {thresholds.min_samples} steps, down at "
-        f">= {thresholds.max_error_rate:.0%} errors or status major/critical; mode `{thresholds.evidence}`):",
-    )
-    report.table("Observed", health_rows(health, current))
-
-    decision: FailoverDecision = decide_failover(current=current, chain=chain, health=health)
-    result = ModelSwitch(
-        flow="llm-provider-failover",
-        action=decision.action,
-        current=current,
-        target=decision.target,
-        reason=decision.reason,
-        dry_run=dry_run,
-    )
-    report.add("Decided", f"**{decision.action}**: {decision.reason}.")
-    if decision.action == "failover" and decision.target:
-        switch_model(
-            settings=settings,
-            report=report,
-            result=result,
-            target=decision.target,
-            dry_run=dry_run,
-            rollout_timeout_s=rollout_timeout_s or settings.rollout_timeout_s,
-            event="llm-failover",
-        )
-    else:
-        report.add("Done", "Nothing to do.")
+    title = "LLM provider failover" + (" (dry run)" if dry_run else "")
+    with recording(ModelSwitch(flow=FAILOVER, title=title, dry_run=dry_run)) as result:
+        chain = validate_chain(list(settings.llm_fallback_models))
+        thresholds = _thresholds(settings, min_samples, error_rate, evidence)
+        window = timedelta(minutes=window_minutes or settings.llm_failure_window_minutes)
+        # observe
+        result.current = current = workers_model(settings)
+        models = chain + ([current] if current and current not in chain else [])
+        health = observe_models(settings=settings, models=models, window=window, thresholds=thresholds)
+        result.note("observed", health_table(health, current=current, caption=(
+            f"Workers run {settings.llm_model_env}={current}. LLM steps of the last {window.total_seconds() / 60:g}"
+            f" min (min {thresholds.min_samples} steps, down at >= {thresholds.max_error_rate:.0%} errors or status "
+            f"major/critical; evidence `{thresholds.evidence}`)")))
+        # decide
+        decision = decide_failover(current=current, chain=chain, health=health)
+        result.decision, result.target, result.reason = decision.action, decision.target, decision.reason
+        result.note("decided", f"{decision.action}: {decision.reason}.")
         if decision.action == "no-fallback":
-            report.outcome = "no healthy fallback"
-            report.add("Verified", "The workers stay on a model that is down: a human must decide.")
-        else:
-            report.add("Verified", f"The workers stay on `{current}`.")
-    report.publish(key="llm-provider-failover")
-    get_run_logger().info("llm-provider-failover: %s (%s)", decision.action, report.outcome)
-    return result
+            result.blocked = "no healthy fallback: the workers stay on a model that is down, a human must decide"
+            result.check("a healthy fallback model is available", False, decision.reason)
+        elif decision.action == "stay" and current is not None:
+            result.check(f"`{current}` is not down", True, health[current].evidence_text())
+        elif decision.action == "failover" and decision.target:
+            # act, verify
+            switch_model(result, settings=settings, target=decision.target, dry_run=dry_run,
+                         rollout_timeout_s=rollout_timeout_s or settings.rollout_timeout_s,
+                         verify_steps=verify_steps, verify_within_s=verify_within_s,
+                         max_error_rate=thresholds.max_error_rate, event="llm-failover")
+    return conclude(result)
 
 
-@flow(
-    name="llm-provider-failback",
-    flow_run_name="llm-failback dry_run={dry_run}",
-    description="Scheduled: return the workers to the primary LLM model once it has been healthy long enough.",
-)
+@flow(name=FAILBACK, flow_run_name="llm-failback dry_run={dry_run}",
+      description="Scheduled: return the workers to the primary LLM model once it has been healthy long enough.")
+@describe_parameters
 def llm_provider_failback(
-    dry_run: Annotated[bool, Field(description="Only show what would change.")] = True,
-    healthy_for_minutes: Annotated[int | None, Field(ge=0, le=1440, description="Healthy this long.")] = None,
-    window_minutes: Annotated[int | None, Field(ge=1, le=1440, description="Failure window.")] = None,
-    min_samples: Annotated[int | None, Field(ge=1, le=1_000_000, description="Min LLM steps.")] = None,
-    error_rate: Annotated[float | None, Field(gt=0, le=1, description="Down at this error rate.")] = None,
-    rollout_timeout_s: Annotated[float | None, Field(gt=0, le=3600, description="Rollout wait.")] = None,
+    dry_run: Annotated[bool, Field(description="Only observe, decide and report; change nothing anywhere (not "
+                                   "even the \"healthy since\" memory).")] = True,
+    healthy_for_minutes: Annotated[int | None, Field(ge=0, le=1440, description="The primary must look healthy "
+                                   "this long first (default FD_LLM_HEALTHY_FOR_MINUTES).")] = None,
+    window_minutes: Window = None,
+    min_samples: MinSamples = None,
+    error_rate: ErrorRate = None,
+    rollout_timeout_s: RolloutTimeout = None,
+    verify_steps: VerifySteps = 5,
+    verify_within_s: VerifyWithin = 300.0,
 ) -> ModelSwitch:
-    """Return the workers to the primary LLM model once it has been positively healthy for a while.
-
-    Args:
-        dry_run: Only observe, decide and report; change nothing anywhere (not even the "healthy since" memory).
-        healthy_for_minutes: The primary must look healthy this long first (default FD_LLM_HEALTHY_FOR_MINUTES).
-        window_minutes: Judge the primary on LLM steps of the last N minutes (default FD_LLM_FAILURE_WINDOW_MINUTES).
-        min_samples: Fewest LLM steps before an error rate counts (default FD_LLM_FAILOVER_MIN_SAMPLES).
-        error_rate: Error rate at or above which the primary is still down (default FD_LLM_FAILOVER_ERROR_RATE).
-        rollout_timeout_s: How long to wait for the workers' rollout (default FD_ROLLOUT_TIMEOUT_S).
-    """
+    """Return the workers to the primary LLM model once it has been positively healthy for a while."""
     settings = get_settings()
-    chain = validate_chain(list(settings.llm_fallback_models))
-    primary = chain[0]
-    thresholds = _thresholds(settings, min_samples, error_rate, None)
-    window = timedelta(minutes=window_minutes or settings.llm_failure_window_minutes)
-    healthy_for = timedelta(
-        minutes=settings.llm_healthy_for_minutes if healthy_for_minutes is None else healthy_for_minutes
-    )
-    report = Report(title="LLM provider failback" + (" (dry run)" if dry_run else ""))
+    title = "LLM provider failback" + (" (dry run)" if dry_run else "")
+    with recording(ModelSwitch(flow=FAILBACK, title=title, dry_run=dry_run)) as result:
+        primary = validate_chain(list(settings.llm_fallback_models))[0]
+        thresholds = _thresholds(settings, min_samples, error_rate, None)
+        window = timedelta(minutes=window_minutes or settings.llm_failure_window_minutes)
+        healthy_for = timedelta(minutes=settings.llm_healthy_for_minutes if healthy_for_minutes is None
+                                else healthy_for_minutes)
+        # observe
+        result.current = current = workers_model(settings)
+        since = read_healthy_since(settings=settings)
+        health = observe_models(settings=settings, models=[primary], window=window, thresholds=thresholds)
+        result.note("observed", health_table(health, current=current, caption=(
+            f"Workers run {settings.llm_model_env}={current}; primary `{primary}` remembered healthy since "
+            f"{since.isoformat(timespec='seconds') if since else 'never'}")))
+        # decide
+        decision = decide_failback(current=current, primary=primary, primary_health=health[primary],
+                                   healthy_since=since, now=datetime.now(UTC), healthy_for=healthy_for)
+        result.decision, result.reason, result.healthy_since = decision.action, decision.reason, decision.healthy_since
+        result.note("decided", f"{decision.action}: {decision.reason}.")
+        if not dry_run and decision.healthy_since != since:
+            remember_healthy_since(settings=settings, since=decision.healthy_since)
+            result.note("decided", f"Primary healthy since: {_iso(decision.healthy_since)} (Prefect Variable "
+                        f"`{settings.llm_healthy_since_variable}`).")
+        if decision.action == "failback":
+            # act, verify
+            result.target = primary
+            if switch_model(result, settings=settings, target=primary, dry_run=dry_run,
+                            rollout_timeout_s=rollout_timeout_s or settings.rollout_timeout_s,
+                            verify_steps=verify_steps, verify_within_s=verify_within_s,
+                            max_error_rate=thresholds.max_error_rate, event="llm-failback"):
+                remember_healthy_since(settings=settings, since=None)
+    return conclude(result)
 
-    current = kube.get_deployment_env(
-        settings=settings,
-        deployment=settings.worker_deployment,
-        container=settings.worker_container,
-        name=settings.llm_model_env,
-    )
-    since = read_healthy_since(settings=settings)
-    health = observe_models(settings=settings, models=[primary], window=window, thresholds=thresholds)[primary]
-    report.add(
-        "Observed",
-        f"Deployment `{settings.worker_deployment}` runs `{settings.llm_model_env}={current}`; primary is "
-        f"`{primary}`; remembered healthy since: {since.isoformat() if since else 'never'}.",
-    )
-    report.table("Observed", health_rows({primary: health}, current))
 
-    decision: FailbackDecision = decide_failback(
-        current=current,
-        primary=primary,
-        primary_health=health,
-        healthy_since=since,
-        now=datetime.now(UTC),
-        healthy_for=healthy_for,
-    )
-    result = ModelSwitch(
-        flow="llm-provider-failback",
-        action=decision.action,
-        current=current,
-        target=primary if decision.action == "failback" else None,
-        reason=decision.reason,
-        dry_run=dry_run,
-        healthy_since=decision.healthy_since,
-    )
-    report.add("Decided", f"**{decision.action}**: {decision.reason}.")
-    if dry_run:
-        report.add("Done", "Dry run: the \"healthy since\" memory is left as it was.")
-    elif decision.healthy_since != since:
-        remember_healthy_since(settings=settings, since=decision.healthy_since)
-        report.add(
-            "Done",
-            f"Primary healthy since: {_iso(decision.healthy_since)} "
-            f"(remembered in Prefect Variable `{settings.llm_healthy_since_variable}`).",
-        )
-    if decision.action == "failback":
-        switched = switch_model(
-            settings=settings,
-            report=report,
-            result=result,
-            target=primary,
-            dry_run=dry_run,
-            rollout_timeout_s=rollout_timeout_s or settings.rollout_timeout_s,
-            event="llm-failback",
-        )
-        if switched:
-            remember_healthy_since(settings=settings, since=None)
-    else:
-        report.add("Done", "No model switch.")
-        report.add("Verified", f"The workers stay on `{current}`.")
-    report.publish(key="llm-provider-failback")
-    get_run_logger().info("llm-provider-failback: %s (%s)", decision.action, report.outcome)
-    return result
+def _iso(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value else "forgotten"
+

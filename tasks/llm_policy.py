@@ -5,6 +5,7 @@ above a minimum sample size) and the provider's Statuspage indicator. ``evidence
 model is judged down: ``any`` (either source), ``both`` (both agree), ``failures`` or ``status`` alone.
 A fallback candidate must be *clean* (no evidence against it); failback needs *positive* evidence that the
 primary works again (its status page says ``none``, or enough recent good samples) for ``healthy_for``.
+After a switch, ``judge_new_model`` says whether the new model's own steps prove it works.
 No I/O here: the flows feed observations in and act on the decision.
 """
 
@@ -240,3 +241,15 @@ def decide_failback(
 
 def _minutes(delta: timedelta) -> str:
     return f"{delta.total_seconds() / 60:.1f} min"
+
+
+def judge_new_model(*, model: str, stats: FailureStats, min_steps: int, max_error_rate: float) -> tuple[bool, str]:
+    """Whether the model the workers switched to works: at least ``min_steps`` of its LLM steps started since the
+    switch, failing below ``max_error_rate`` (the failover threshold). Returns (verified, evidence)."""
+    if stats.total < min_steps:
+        return False, (f"only {stats.total} LLM steps of `{model}` since the switch ({stats.failed} failed); "
+                       f"need {min_steps} to confirm it works")
+    rate = stats.failed / stats.total
+    ok = rate < max_error_rate
+    return ok, (f"{stats.failed}/{stats.total} LLM steps of `{model}` failed since the switch ({rate:.0%} "
+                f"{'<' if ok else '>='} {max_error_rate:.0%})")

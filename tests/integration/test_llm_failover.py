@@ -1,15 +1,19 @@
 """llm-provider-failover / -failback against the sandbox cluster, real PostgreSQL evidence and the provider stub.
 
 Each test sets the fault up directly: failed LLM steps as rows in a private PostgreSQL table, the provider's
-Statuspage stub (``sandbox.llm``) in outage, the workers' Deployment env in the sandbox cluster. The flow runs
-for real (Prefect test server) and the tests assert the end state: the Deployment's env, the pods rolled out,
-the Prefect Variables, the cooldown/budget, and the published report.
+Statuspage stub (``sandbox.llm``) in outage, the workers' Deployment env in the sandbox cluster; the workers'
+steps after a switch (what verifies it) are recorded by ``traffic`` once the Deployment names the new model. The
+flow runs for real (Prefect test server) and the tests assert the typed outcome and the end state: the
+Deployment's env, the pods rolled out, the Prefect Variables, the cooldown/budget, and the published report.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,7 +27,8 @@ from sandbox.http_server import serve_app
 from sandbox.llm import LLMProviders
 from tasks import kube
 from tasks.connections import db_engine
-from tasks.guard import Budget, ensure_budget, llm_failover_budget
+from tasks.guard import ensure_budget, llm_failover_budget
+from tasks.outcome import ActionStatus, Outcome
 from tasks.runs import create_schema, drop_schema, tables
 from tasks.settings import Settings, use_settings
 
@@ -39,20 +44,10 @@ def llm_stub():
     served.stop()
 
 
-@pytest.fixture(autouse=True)
-def budget(monkeypatch) -> Budget:
-    """A fresh failover budget per test: the production one (`fd-budget-llm-failover`, 1 per 15 min) under a
-    private name, so the tests of one session do not spend each other's slot."""
-    private = Budget(name=f"fd-test-llm-failover-{uuid.uuid4().hex[:8]}", limit=1, per_seconds=900)
-    assert llm_failover_budget(Settings()).limit == private.limit  # the production default is 1 per 15 min
-    monkeypatch.setattr("flows.llm_failover.llm_failover_budget", lambda settings: private)
-    ensure_budget(private)  # created up front, as a deployment would: the guard's acquisition waits only 2 s
-    return private
-
-
 @pytest.fixture
 def fo(kube_settings, pg_database_url, llm_stub):
-    """Settings for one test: sandbox cluster, private runs tables, stub status pages, private Variables."""
+    """Settings for one test: sandbox cluster, private runs tables, stub status pages, private Variables, and a
+    private failover budget (the production one, 1 switch per 15 min, under this test's budget prefix)."""
     providers, url = llm_stub
     providers.restore()
     tag = uuid.uuid4().hex[:8]
@@ -71,6 +66,8 @@ def fo(kube_settings, pg_database_url, llm_stub):
             "rollout_timeout_s": 30.0,
         }
     )
+    assert llm_failover_budget(s).limit == 1 and llm_failover_budget(s).per_seconds == 900  # production default
+    ensure_budget(llm_failover_budget(s))  # created up front, as a deployment would: the guard waits only 2 s
     create_schema(settings=s)
     with use_settings(s):
         yield s
@@ -79,7 +76,7 @@ def fo(kube_settings, pg_database_url, llm_stub):
         Variable.unset(name)
 
 
-def seed_llm_steps(settings: Settings, *, model: str, failed: int, ok: int = 0, minutes_ago: float = 1) -> None:
+def seed_llm_steps(settings: Settings, *, model: str, failed: int = 0, ok: int = 0, minutes_ago: float = 1) -> None:
     """LLM step rows as the workers leave them: ``failed`` failed and ``ok`` completed, set-based insert."""
     at = datetime.now(UTC) - timedelta(minutes=minutes_ago)
     rows = [
@@ -108,10 +105,33 @@ def model_env(settings: Settings) -> str | None:
 
 
 def set_model(settings: Settings, model: str) -> None:
-    kube.set_deployment_env.fn(
+    """Put the workers on ``model`` as an earlier failover would have, without the guard (no cooldown spent)."""
+    kube.set_deployment_env.fn.__wrapped__(
         settings=settings, deployment="worker", container="worker", name=settings.llm_model_env, value=model,
         dry_run=False,
     )  # no wait for its rollout: the flow reads the Deployment's env, and waits itself when it switches
+
+
+@contextmanager
+def traffic(settings: Settings, *, model: str, ok: int = 5, failed: int = 0) -> Iterator[threading.Thread]:
+    """The workers' LLM steps once they run ``model``: as soon as the Deployment's env names it, ``ok``
+    completed and ``failed`` failed steps of ``model`` are recorded, started now (after the switch)."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            if model_env(settings) == model:
+                seed_llm_steps(settings, model=model, failed=failed, ok=ok, minutes_ago=0)
+                return
+            stop.wait(0.05)  # poll: the switch
+
+    thread = threading.Thread(target=run, name="llm-traffic", daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def worker_pod_models(cluster) -> dict[str, str | None]:
@@ -171,11 +191,18 @@ def test_failover_on_failures_and_status_switches_model_and_rolls_out(fo, cluste
     assert set(before.values()) == {PRIMARY}
     started = datetime.now(UTC)
 
-    state = llm_provider_failover(dry_run=False, return_state=True)
+    with traffic(fo, model=BACKUP, ok=6):
+        state = llm_provider_failover(dry_run=False, verify_within_s=15, return_state=True)
     result = state.result()
 
-    assert (result.action, result.current, result.target) == ("failover", PRIMARY, BACKUP)
-    assert result.changed and result.rollout_complete and result.verified
+    assert state.is_completed() and result.outcome is Outcome.RECOVERED
+    assert (result.decision, result.current, result.target) == ("failover", PRIMARY, BACKUP)
+    assert result.switched and result.rollout_complete and result.model_after == BACKUP
+    assert result.steps_after.total == 6 and result.steps_after.failed == 0  # only steps after the switch count
+    assert [(a.kind, a.target, a.status) for a in result.actions] == [
+        ("set-deployment-env", "deployment/worker", ActionStatus.DONE)]
+    assert [c.name for c in result.checks if c.ok] == [
+        "rollout finished", f"Deployment `worker` has LITELLM_MODEL={BACKUP}", f"LLM steps of `{BACKUP}` succeed"]
     assert model_env(fo) == BACKUP
     assert Variable.get(fo.llm_active_model_variable) == BACKUP
     cluster.wait_until(lambda: set(worker_pod_models(cluster).values()) == {BACKUP}, timeout=15)
@@ -183,11 +210,40 @@ def test_failover_on_failures_and_status_switches_model_and_rolls_out(fo, cluste
     assert len(after) == 3 and not set(after) & set(before)  # every worker pod replaced by the rollout
     assert cooldown_keys(fo, redis)  # the switch spent its cooldown
     md = report_of(state, "llm-provider-failover")
-    assert "**failover**" in md and "18 / 20" in md and "major" in md and f"LITELLM_MODEL={BACKUP}" in md
-    assert "OK" in md
+    assert "18 / 20" in md and "major" in md and f"LITELLM_MODEL={BACKUP}" in md and "Outcome: recovered" in md
     events = recovery_events("ferrumdeck.recovery.llm-failover", started)
     assert [(e.payload["from"], e.payload["to"]) for e in events] == [(PRIMARY, BACKUP)]
     assert events[0].resource.id == "ferrumdeck.deployment.ferrumdeck.worker"
+
+
+def test_failover_whose_new_model_gets_no_steps_is_not_verified(fo, cluster, llm_stub):
+    llm_stub[0].outage("openai")
+    seed_llm_steps(fo, model=PRIMARY, failed=20)
+    seed_llm_steps(fo, model=BACKUP, ok=20)  # before the switch: proves nothing about the switched workers
+
+    state = llm_provider_failover(dry_run=False, verify_steps=3, verify_within_s=0.5, return_state=True)
+
+    assert state.is_failed()
+    result = state.result(raise_on_failure=False)
+    assert result.outcome is Outcome.NOT_VERIFIED and result.switched and model_env(fo) == BACKUP
+    assert [c.name for c in result.failed_checks] == [f"LLM steps of `{BACKUP}` succeed"]
+    assert result.steps_after.total == 0
+    assert "only 0 LLM steps" in report_of(state, "llm-provider-failover")
+
+
+def test_failover_whose_new_model_fails_too_is_not_verified(fo, cluster, llm_stub):
+    llm_stub[0].outage("openai")
+    seed_llm_steps(fo, model=PRIMARY, failed=20)
+
+    with traffic(fo, model=BACKUP, ok=2, failed=4):
+        state = llm_provider_failover(dry_run=False, verify_steps=6, verify_within_s=15, return_state=True)
+
+    assert state.is_failed()
+    result = state.result(raise_on_failure=False)
+    assert result.outcome is Outcome.NOT_VERIFIED and result.rollout_complete
+    assert (result.steps_after.failed, result.steps_after.total) == (4, 6)
+    assert [c.name for c in result.failed_checks] == [f"LLM steps of `{BACKUP}` succeed"]
+    assert "4/6" in result.failed_checks[0].detail and "67% >= 50%" in result.failed_checks[0].detail
 
 
 def test_failover_dry_run_changes_nothing_anywhere(fo, cluster, llm_stub, redis):
@@ -198,25 +254,30 @@ def test_failover_dry_run_changes_nothing_anywhere(fo, cluster, llm_stub, redis)
     state = llm_provider_failover(dry_run=True, return_state=True)
     result = state.result()
 
-    assert result.action == "failover" and result.target == BACKUP and not result.changed
+    assert result.outcome is Outcome.DRY_RUN and result.decision == "failover" and result.target == BACKUP
+    assert not result.switched and result.checks == []
+    assert [(a.kind, a.target, a.status) for a in result.actions] == [
+        ("set-deployment-env", "deployment/worker", ActionStatus.DRY_RUN)]
     assert model_env(fo) == PRIMARY
     assert worker_pod_models(cluster) == pods_before
     assert Variable.get(fo.llm_active_model_variable) is None
     assert cooldown_keys(fo, redis) == []
-    assert "dry run: would set-llm-model deployment/worker" in report_of(state, "llm-provider-failover")
 
 
-def test_failover_kill_switch_refuses(fo, cluster, llm_stub):
+def test_failover_kill_switch_refuses(fo, cluster, llm_stub, redis):
     llm_stub[0].outage("openai")
     seed_llm_steps(fo, model=PRIMARY, failed=20)
     Variable.set(fo.kill_switch_variable, True, overwrite=True)
 
     state = llm_provider_failover(dry_run=False, return_state=True)
+    result = state.result()
 
-    assert state.is_completed() and not state.result().changed
+    assert state.is_completed() and result.outcome is Outcome.REFUSED and not result.switched
+    assert "kill switch" in result.actions[0].detail
     assert model_env(fo) == PRIMARY
-    md = report_of(state, "llm-provider-failover")
-    assert "kill switch" in md and "Outcome: **refused**" in md
+    assert Variable.get(fo.llm_active_model_variable) is None
+    assert cooldown_keys(fo, redis) == []
+    assert "kill switch" in report_of(state, "llm-provider-failover")
 
 
 def test_failover_stays_when_evidence_is_below_thresholds(fo, cluster):
@@ -224,7 +285,7 @@ def test_failover_stays_when_evidence_is_below_thresholds(fo, cluster):
     seed_llm_steps(fo, model=PRIMARY, failed=50, minutes_ago=60)  # outside the window
     state = llm_provider_failover(dry_run=False, return_state=True)
     result = state.result()
-    assert result.action == "stay" and not result.changed
+    assert result.outcome is Outcome.NOTHING_TO_DO and result.decision == "stay" and result.actions == []
     assert model_env(fo) == PRIMARY
     assert "4 / 10" in report_of(state, "llm-provider-failover")
 
@@ -244,15 +305,19 @@ def test_evidence_modes_decide(fo, cluster, llm_stub, evidence, status_down, fai
         llm_stub[0].outage("openai")
     seed_llm_steps(fo, model=PRIMARY, failed=failures)
     result = llm_provider_failover(dry_run=True, evidence=evidence)
-    assert result.action == expected
+    assert result.decision == expected
+    assert result.outcome is (Outcome.DRY_RUN if expected == "failover" else Outcome.NOTHING_TO_DO)
 
 
-def test_no_healthy_fallback_leaves_the_model_and_says_so(fo, cluster, llm_stub):
+def test_no_healthy_fallback_leaves_the_model_and_fails_the_run(fo, cluster, llm_stub, redis):
     llm_stub[0].outage("openai")
     llm_stub[0].outage("anthropic")
     state = llm_provider_failover(dry_run=False, return_state=True)
-    assert state.result().action == "no-fallback"
-    assert model_env(fo) == PRIMARY
+    assert state.is_failed()
+    result = state.result(raise_on_failure=False)
+    assert result.outcome is Outcome.NOT_VERIFIED and result.decision == "no-fallback"
+    assert result.actions == [] and [c.name for c in result.failed_checks] == ["a healthy fallback model is available"]
+    assert model_env(fo) == PRIMARY and cooldown_keys(fo, redis) == []
     md = report_of(state, "llm-provider-failover")
     assert "no healthy fallback" in md and "a human must decide" in md
 
@@ -262,17 +327,18 @@ def test_unreadable_status_page_is_unknown_not_a_crash(fo, cluster):
     seed_llm_steps(s, model=PRIMARY, failed=20)
     with use_settings(s):
         state = llm_provider_failover(dry_run=True, return_state=True)
-    assert state.result().action == "failover"  # failures are enough; the dead status page is `unknown`
+    assert state.result().decision == "failover"  # failures are enough; the dead status page is `unknown`
     assert "unknown" in report_of(state, "llm-provider-failover")
 
 
-def test_budget_allows_one_switch_per_15_minutes(fo, cluster, llm_stub, budget):
+def test_budget_allows_one_switch_per_15_minutes(fo, cluster, llm_stub):
     s = fo.model_copy(update={"target_cooldown_s": 0})  # isolate the budget from the cooldown
     with use_settings(s):
         llm_stub[0].outage("openai")
         seed_llm_steps(s, model=PRIMARY, failed=20, minutes_ago=10)
-        first = llm_provider_failover(dry_run=False)
-        assert first.changed and model_env(s) == BACKUP
+        with traffic(s, model=BACKUP):
+            first = llm_provider_failover(dry_run=False, verify_within_s=15)
+        assert first.outcome is Outcome.RECOVERED and model_env(s) == BACKUP
 
         # then the backup fails too while the primary is back: the budget refuses a second switch
         llm_stub[0].restore("openai")
@@ -280,19 +346,32 @@ def test_budget_allows_one_switch_per_15_minutes(fo, cluster, llm_stub, budget):
         seed_llm_steps(s, model=BACKUP, failed=20, minutes_ago=1)
         state = llm_provider_failover(dry_run=False, window_minutes=5, return_state=True)
         second = state.result()
-    assert second.action == "failover" and second.target == PRIMARY and not second.changed
-    assert "budget" in second.verdict
+    assert state.is_completed() and second.outcome is Outcome.REFUSED
+    assert second.decision == "failover" and second.target == PRIMARY and not second.switched
     assert model_env(s) == BACKUP
-    assert f"budget `{budget.name}` exhausted (1 per 900s)" in report_of(state, "llm-provider-failover")
+    budget = llm_failover_budget(s)
+    assert f"budget `{budget.name}` exhausted (1 per 900s)" in second.actions[0].detail
 
 
-def test_repeated_alert_switches_once(fo, cluster, llm_stub):
+def test_repeated_alert_switches_once(fo, cluster, llm_stub, redis):
     llm_stub[0].outage("openai")
     seed_llm_steps(fo, model=PRIMARY, failed=20)
-    results = [llm_provider_failover(dry_run=False) for _ in range(3)]
-    assert [r.changed for r in results] == [True, False, False], [r.verdict for r in results]
-    assert [r.action for r in results] == ["failover", "stay", "stay"]  # already on the healthy backup
-    assert model_env(fo) == BACKUP
+    with traffic(fo, model=BACKUP):
+        results = [llm_provider_failover(dry_run=False, verify_within_s=15) for _ in range(3)]
+    assert [r.outcome for r in results] == [Outcome.RECOVERED, Outcome.NOTHING_TO_DO, Outcome.NOTHING_TO_DO]
+    assert [r.decision for r in results] == ["failover", "stay", "stay"]  # already on the healthy backup
+    assert model_env(fo) == BACKUP and len(cooldown_keys(fo, redis)) == 1
+
+
+def test_failover_and_failback_share_the_cooldown(fo, cluster, llm_stub):
+    llm_stub[0].outage("openai")
+    seed_llm_steps(fo, model=PRIMARY, failed=20, minutes_ago=10)
+    with traffic(fo, model=BACKUP):
+        assert llm_provider_failover(dry_run=False, verify_within_s=15).outcome is Outcome.RECOVERED
+    llm_stub[0].restore("openai")
+    back = llm_provider_failback(dry_run=False, healthy_for_minutes=0, window_minutes=5)
+    assert back.outcome is Outcome.REFUSED and back.decision == "failback"
+    assert "cooldown" in back.actions[0].detail and model_env(fo) == BACKUP  # no flapping
 
 
 def test_bad_parameters_are_rejected_before_anything_runs(fo, cluster):
@@ -300,6 +379,8 @@ def test_bad_parameters_are_rejected_before_anything_runs(fo, cluster):
         llm_provider_failover(dry_run=False, error_rate=1.5)
     with pytest.raises(Exception, match="evidence"):
         llm_provider_failover(dry_run=False, evidence="vibes")
+    with pytest.raises(Exception, match="greater than or equal to 1"):
+        llm_provider_failover(dry_run=False, verify_steps=0)
     assert model_env(fo) == PRIMARY
 
 
@@ -309,7 +390,7 @@ def test_bad_parameters_are_rejected_before_anything_runs(fo, cluster):
 def test_failback_waits_then_returns_to_the_primary(fo, cluster):
     set_model(fo, BACKUP)
     first = llm_provider_failback(dry_run=False, healthy_for_minutes=30)
-    assert first.action == "wait" and not first.changed
+    assert first.outcome is Outcome.NOTHING_TO_DO and first.decision == "wait" and first.actions == []
     since = datetime.fromisoformat(Variable.get(fo.llm_healthy_since_variable))
     assert abs((datetime.now(UTC) - since).total_seconds()) < 60
     assert model_env(fo) == BACKUP
@@ -318,15 +399,19 @@ def test_failback_waits_then_returns_to_the_primary(fo, cluster):
     Variable.set(
         fo.llm_healthy_since_variable, (datetime.now(UTC) - timedelta(minutes=31)).isoformat(), overwrite=True
     )
-    state = llm_provider_failback(dry_run=False, healthy_for_minutes=30, return_state=True)
+    started = datetime.now(UTC)
+    with traffic(fo, model=PRIMARY):
+        state = llm_provider_failback(dry_run=False, healthy_for_minutes=30, verify_within_s=15, return_state=True)
     result = state.result()
-    assert result.action == "failback" and result.changed and result.verified
+    assert state.is_completed() and result.outcome is Outcome.RECOVERED
+    assert result.decision == "failback" and result.switched and result.steps_after.total == 5
     assert model_env(fo) == PRIMARY
     assert Variable.get(fo.llm_active_model_variable) == PRIMARY
     assert Variable.get(fo.llm_healthy_since_variable) is None
     cluster.wait_until(lambda: set(worker_pod_models(cluster).values()) == {PRIMARY}, timeout=15)
-    md = report_of(state, "llm-provider-failback")
-    assert "**failback**" in md and "31." in md
+    assert "31." in report_of(state, "llm-provider-failback")
+    events = recovery_events("ferrumdeck.recovery.llm-failback", started)
+    assert [(e.payload["from"], e.payload["to"]) for e in events] == [(BACKUP, PRIMARY)]
 
 
 def test_failback_forgets_when_the_primary_is_still_down(fo, cluster, llm_stub):
@@ -334,31 +419,36 @@ def test_failback_forgets_when_the_primary_is_still_down(fo, cluster, llm_stub):
     Variable.set(fo.llm_healthy_since_variable, datetime.now(UTC).isoformat(), overwrite=True)
     llm_stub[0].outage("openai")
     result = llm_provider_failback(dry_run=False, healthy_for_minutes=0)
-    assert result.action == "primary-unhealthy" and not result.changed
+    assert result.outcome is Outcome.NOTHING_TO_DO and result.decision == "primary-unhealthy"
+    assert result.actions == [] and not result.switched
     assert Variable.get(fo.llm_healthy_since_variable) is None
     assert model_env(fo) == BACKUP
 
 
-def test_failback_dry_run_changes_nothing(fo, cluster):
+def test_failback_dry_run_changes_nothing(fo, cluster, redis):
     set_model(fo, BACKUP)
     old = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
     Variable.set(fo.llm_healthy_since_variable, old, overwrite=True)
     state = llm_provider_failback(dry_run=True, healthy_for_minutes=30, return_state=True)
-    assert state.result().action == "failback" and not state.result().changed
-    assert model_env(fo) == BACKUP
+    result = state.result()
+    assert result.outcome is Outcome.DRY_RUN and result.decision == "failback" and not result.switched
+    assert model_env(fo) == BACKUP and cooldown_keys(fo, redis) == []
     assert Variable.get(fo.llm_healthy_since_variable) == old
-    assert "dry run" in report_of(state, "llm-provider-failback")
+    assert Variable.get(fo.llm_active_model_variable) is None
 
 
 def test_failback_on_primary_is_a_noop(fo, cluster):
     result = llm_provider_failback(dry_run=False)
-    assert result.action == "on-primary" and not result.changed and model_env(fo) == PRIMARY
+    assert result.outcome is Outcome.NOTHING_TO_DO and result.decision == "on-primary"
+    assert result.actions == [] and model_env(fo) == PRIMARY
 
 
 def test_failback_kill_switch_refuses_the_switch(fo, cluster):
     set_model(fo, BACKUP)
     Variable.set(fo.kill_switch_variable, True, overwrite=True)
     state = llm_provider_failback(dry_run=False, healthy_for_minutes=0, return_state=True)
-    assert state.result().action == "failback" and not state.result().changed
-    assert model_env(fo) == BACKUP
+    result = state.result()
+    assert state.is_completed() and result.outcome is Outcome.REFUSED and result.decision == "failback"
+    assert not result.switched and model_env(fo) == BACKUP
+    assert Variable.get(fo.llm_healthy_since_variable) is not None  # remembered: it fails back once allowed
     assert "kill switch" in report_of(state, "llm-provider-failback")

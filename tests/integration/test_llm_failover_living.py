@@ -3,12 +3,16 @@
 Nothing is seeded by hand: the sandbox workers (threads bound to the cluster's worker pods) take steps from the
 real stream, call their pod's ``LITELLM_MODEL`` (the provider stub), and record every step in PostgreSQL. An
 outage of ``openai`` makes their LLM steps fail; ``llm-provider-failover`` reads those rows and the status page,
-switches the Deployment to the backup, and the rolled-out pods' workers complete new steps with the backup.
+switches the Deployment to the backup, and verifies it by the steps the rolled-out pods' workers complete with
+the backup (a steady load keeps steps coming, as in production).
 """
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,7 +22,8 @@ from pydantic import SecretStr
 from flows.llm_failover import llm_provider_failover
 from tasks import kube
 from tasks.connections import db_engine
-from tasks.guard import Budget, ensure_budget
+from tasks.guard import ensure_budget, llm_failover_budget
+from tasks.outcome import Outcome
 from tasks.runs import drop_schema, llm_failures_by_model, tables
 from tasks.settings import use_settings
 from tests.polling import wait_for
@@ -28,7 +33,7 @@ BACKUP = "anthropic/claude-sonnet-4-20250514"
 
 
 @pytest.fixture
-def living(kube_settings, cluster, pg_database_url, monkeypatch):
+def living(kube_settings, cluster, pg_database_url):
     from sandbox.services import SandboxServices
 
     tag = uuid.uuid4().hex[:8]
@@ -43,9 +48,7 @@ def living(kube_settings, cluster, pg_database_url, monkeypatch):
             "rollout_timeout_s": 30.0,
         }
     )
-    budget = Budget(name=f"fd-test-llm-failover-{tag}", limit=1, per_seconds=900)
-    monkeypatch.setattr("flows.llm_failover.llm_failover_budget", lambda settings: budget)
-    ensure_budget(budget)
+    ensure_budget(llm_failover_budget(base))  # this test's own budget (its settings' budget prefix)
     svc = SandboxServices.start(settings=base, cluster=cluster, step_ms=2.0, batch=10)
     try:
         svc.wait_for_workers(3, timeout_s=15)
@@ -56,7 +59,6 @@ def living(kube_settings, cluster, pg_database_url, monkeypatch):
         drop_schema(settings=svc.settings)
 
 
-
 def completed_with(settings, model: str, since: datetime) -> int:
     steps = tables(settings).steps
     stmt = sa.select(sa.func.count()).where(
@@ -64,6 +66,24 @@ def completed_with(settings, model: str, since: datetime) -> int:
     )
     with db_engine(settings).connect() as conn:
         return conn.execute(stmt).scalar_one()
+
+
+@contextmanager
+def steady_load(services, *, every_s: float = 0.2, n: int = 5) -> Iterator[None]:
+    """A few new steps every ``every_s`` seconds while the block runs (the traffic that verifies a switch)."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every_s):  # poll: the load's pace
+            services.backlog(n)
+
+    thread = threading.Thread(target=run, name="steady-load", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def test_outage_failover_and_work_resumes_on_the_backup(living, cluster):
@@ -77,9 +97,12 @@ def test_outage_failover_and_work_resumes_on_the_backup(living, cluster):
         what="the workers to fail 20 LLM steps on openai",
     )
 
-    result = llm_provider_failover(dry_run=False)
+    with steady_load(living):
+        result = llm_provider_failover(dry_run=False, verify_within_s=20)
 
-    assert (result.action, result.target, result.changed, result.verified) == ("failover", BACKUP, True, True)
+    assert result.outcome is Outcome.RECOVERED, result.cause()
+    assert (result.decision, result.target, result.switched) == ("failover", BACKUP, True)
+    assert result.steps_after.total >= 5 and result.steps_after.failed == 0  # the switched workers' own steps
     assert kube.get_deployment_env.fn(settings=s, deployment="worker", container="worker", name="LITELLM_MODEL") == BACKUP
     switched = datetime.now(UTC)
     living.wait_for_workers(3, timeout_s=15)

@@ -7,16 +7,18 @@ Deployment up really adds consumers, and the backlog really drains through XREAD
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.variables import Variable
 from pydantic import SecretStr
 
-from flows.scale_workers import ScaleError, drain_progress, scale_workers
-from tasks.queue import QueueError
+from flows.scale_workers import scale_workers
+from tasks.outcome import ActionStatus, Outcome
 from tasks.runs import drop_schema
-from tasks.settings import Settings, use_settings
+from tasks.settings import use_settings
+from tests.polling import wait_for
 
 
 def replicas(cluster) -> int:
@@ -33,6 +35,20 @@ def artifacts_of(state, key: str):
                 flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
             ),
         )
+
+
+def scale_events(since: datetime, *, at_least: int) -> list:
+    """``ferrumdeck.recovery.scale-workers`` events stored since ``since`` (stored asynchronously: wait for them)."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    def stored() -> list | None:
+        occurred = EventOccurredFilter(since=since, until=datetime.now(UTC) + timedelta(minutes=1))
+        flt = EventFilter(event=EventNameFilter(name=["ferrumdeck.recovery.scale-workers"]), occurred=occurred)
+        with get_client(sync_client=True) as client:
+            events = client.read_events(filter=flt, limit=50).events
+        return events if len(events) >= at_least else None
+
+    return wait_for(stored, timeout=15, interval=0.2, what=f"{at_least} scale-workers events")
 
 
 def report_of(state) -> str:
@@ -79,6 +95,7 @@ def services(kube_settings, cluster, pg_database_url):
 def test_scale_up_watch_drain_and_scale_back(services, cluster, redis):
     s = services.settings
     services.backlog(800)  # ~2.7 s of work for 3 workers at 10 ms a step
+    started = datetime.now(UTC)
 
     state = scale_workers(
         replicas=5, drain_target=0, timeout_s=30, sample_interval_s=0.1, scale_back=True, dry_run=False,
@@ -86,6 +103,7 @@ def test_scale_up_watch_drain_and_scale_back(services, cluster, redis):
     )
     out = state.result()
 
+    assert state.is_completed() and out.outcome is Outcome.RECOVERED
     assert (out.previous, out.target, out.scaled) == (3, 5, True)
     assert out.ready_after_scale == 5
     assert out.initial_backlog > 0 and out.drained and out.final_backlog == 0
@@ -95,18 +113,26 @@ def test_scale_up_watch_drain_and_scale_back(services, cluster, redis):
     consumers = {c["name"] for c in redis.xinfo_consumers(s.stream, s.group)}
     assert len(consumers) >= 5  # the two added pods' workers consumed too (a pod's name is its consumer)
     assert out.scaled_back and replicas(cluster) == 3
+    assert [(a.kind, a.status, a.detail) for a in out.actions] == [
+        ("scale-deployment", ActionStatus.DONE, "3 -> 5 replicas"),
+        ("scale-deployment", ActionStatus.DONE, "scale back 5 -> 3 replicas"),
+    ]
+    assert [c.name for c in out.checks if c.ok] == [
+        "5 workers rolled out", "backlog drained to 0", "scaled back to 3 replicas"]
     info = redis.xinfo_groups(s.stream)[0]
     assert info["pending"] == 0 and info["lag"] == 0  # every step delivered and acknowledged
     progress = artifacts_of(state, "scale-workers-drain")
     assert progress and progress[0].type == "progress" and float(progress[0].data) == 100.0
-    md = report_of(state)
-    assert "from 3 to 5" in md and "drained" in md and "scaled back from 5 to 3" in md
+    events = scale_events(started, at_least=2)
+    assert sorted((e.payload["from"], e.payload["to"]) for e in events) == [(3, 5), (5, 3)]
+    assert "Outcome: recovered" in report_of(state)
 
 
 def test_replicas_are_capped_at_max_replicas(sw, cluster):
     state = scale_workers(replicas=50, drain_target=0, timeout_s=5, sample_interval_s=0.05, dry_run=False,
                           return_state=True)
     out = state.result()
+    assert out.outcome is Outcome.RECOVERED  # the empty queue is drained at once
     assert out.capped and out.target == 6 and out.requested == 50
     assert replicas(cluster) == 6
     cluster.wait_until(lambda: len([p for p in cluster.pods(selector="app=worker")
@@ -118,28 +144,34 @@ def test_dry_run_changes_nothing(sw, cluster, redis):
     pods = {p["metadata"]["name"] for p in cluster.pods(selector="app=worker")}
     state = scale_workers(replicas=5, dry_run=True, return_state=True)
     out = state.result()
+    assert out.outcome is Outcome.DRY_RUN
     assert not out.scaled and out.previous == 3 and out.target == 5
+    assert [(a.kind, a.target, a.status) for a in out.actions] == [
+        ("scale-deployment", "deployment/worker", ActionStatus.DRY_RUN)]
     assert replicas(cluster) == 3
     assert {p["metadata"]["name"] for p in cluster.pods(selector="app=worker")} == pods
     assert list(redis.scan_iter(match=f"{sw.state_prefix}:*")) == []
     assert not artifacts_of(state, "scale-workers-drain")
-    assert "dry run: would scale deployment/worker" in report_of(state)
 
 
 def test_kill_switch_refuses(sw, cluster):
     Variable.set(sw.kill_switch_variable, True, overwrite=True)
     state = scale_workers(replicas=5, dry_run=False, return_state=True)
-    assert not state.result().scaled and replicas(cluster) == 3
-    assert "kill switch" in report_of(state)
+    out = state.result()
+    assert state.is_completed() and out.outcome is Outcome.REFUSED
+    assert not out.scaled and replicas(cluster) == 3
+    assert "kill switch" in out.actions[0].detail
+    assert not artifacts_of(state, "scale-workers-drain")  # refused: the drain is not watched
 
 
 def test_below_min_healthy_workers_is_refused_before_any_change(sw, cluster):
     s = sw.model_copy(update={"min_healthy_workers": 2})
     with use_settings(s):
         state = scale_workers(replicas=1, dry_run=False, return_state=True)
-    assert state.is_failed()
-    with pytest.raises(ScaleError, match="FD_MIN_HEALTHY_WORKERS=2"):
-        state.result()
+    out = state.result()
+    assert state.is_completed() and out.outcome is Outcome.REFUSED  # a safety rule said no
+    assert [(a.kind, a.status) for a in out.actions] == [("scale-deployment", ActionStatus.REFUSED)]
+    assert "FD_MIN_HEALTHY_WORKERS=2" in out.actions[0].detail
     assert replicas(cluster) == 3
 
 
@@ -148,9 +180,11 @@ def test_missing_stream_is_a_clear_error_before_scaling(kube_settings, cluster):
     with use_settings(s):
         state = scale_workers(replicas=5, dry_run=False, return_state=True)
     assert state.is_failed()
-    with pytest.raises(QueueError, match="does not exist"):
-        state.result()
+    out = state.result(raise_on_failure=False)
+    assert out.outcome is Outcome.FAILED and out.actions == []
+    assert out.error.startswith("QueueError") and "does not exist" in out.error
     assert replicas(cluster) == 3
+    assert "does not exist" in report_of(state)  # the report is published for a failed run too
 
 
 def test_not_drained_in_time_keeps_the_extra_workers(sw, cluster, redis):
@@ -160,26 +194,31 @@ def test_not_drained_in_time_keeps_the_extra_workers(sw, cluster, redis):
         pipe.execute()
     state = scale_workers(replicas=4, drain_target=0, timeout_s=0.3, sample_interval_s=0.05, scale_back=True,
                           dry_run=False, return_state=True)
-    out = state.result()
+    assert state.is_failed()
+    out = state.result(raise_on_failure=False)
+    assert out.outcome is Outcome.NOT_VERIFIED
     assert out.scaled and out.drained is False and out.final_backlog == 50
-    assert not out.scaled_back and "did not drain" in out.scale_back_note
+    assert [c.name for c in out.failed_checks] == ["backlog drained to 0"]
+    assert not out.scaled_back and [a.detail for a in out.actions] == ["3 -> 4 replicas"]  # no scale back
     assert replicas(cluster) == 4
     progress = artifacts_of(state, "scale-workers-drain")
     assert float(progress[0].data) == 0.0
     md = report_of(state)
-    assert "NOT drained" in md and "Outcome: **not drained**" in md
+    assert "Outcome: not_verified" in md and "backlog 50 -> 50" in md and "the extra workers stay" in md
 
 
 def test_already_at_target_only_watches(sw, cluster):
-    out = scale_workers(replicas=3, drain_target=0, timeout_s=5, sample_interval_s=0.05, dry_run=False)
-    assert not out.scaled and out.drained and out.verdict is None
+    state = scale_workers(replicas=3, drain_target=0, timeout_s=5, sample_interval_s=0.05, dry_run=False,
+                          return_state=True)
+    out = state.result()
+    assert out.outcome is Outcome.NOTHING_TO_DO and not out.scaled and out.drained
+    assert out.actions == [] and [c.ok for c in out.checks] == [True]
     assert replicas(cluster) == 3
 
 
-def test_drain_progress_math():
-    assert drain_progress(initial=100, current=100, target=0) == 0.0
-    assert drain_progress(initial=100, current=50, target=0) == 50.0
-    assert drain_progress(initial=100, current=0, target=0) == 100.0
-    assert drain_progress(initial=100, current=150, target=0) == 0.0
-    assert drain_progress(initial=5, current=5, target=10) == 100.0
-    assert isinstance(Settings().scale_up_replicas, int)
+def test_already_at_target_but_not_draining_is_not_verified(sw, cluster, redis):
+    redis.xadd(sw.stream, {"job_id": "s1", "run_id": "r1", "step_id": "s1"})
+    state = scale_workers(replicas=3, drain_target=0, timeout_s=0.2, sample_interval_s=0.05, dry_run=False,
+                          return_state=True)
+    assert state.is_failed() and state.result(raise_on_failure=False).outcome is Outcome.NOT_VERIFIED
+    assert replicas(cluster) == 3

@@ -16,6 +16,7 @@ from tasks.llm_policy import (
     assess_model,
     decide_failback,
     decide_failover,
+    judge_new_model,
     provider_of,
     validate_chain,
 )
@@ -194,6 +195,30 @@ def test_failback_future_since_is_treated_as_now():
 
 def test_failback_zero_wait_fails_back_at_once():
     assert _failback(_assess(PRIMARY, indicator="none"), None, minutes=0).action == "failback"
+
+
+@pytest.mark.parametrize(
+    ("failed", "total", "ok", "says"),
+    [
+        (0, 5, True, "0/5 LLM steps of `anthropic/claude-sonnet-4-20250514` failed since the switch (0% < 50%)"),
+        (2, 5, True, "2/5"),  # 40% < 50%
+        (3, 6, False, "3/6 LLM steps of `anthropic/claude-sonnet-4-20250514` failed since the switch (50% >= 50%)"),
+        (0, 4, False, "only 4 LLM steps"),  # too few to confirm, even all good
+        (0, 0, False, "only 0 LLM steps"),  # no traffic: not verified
+    ],
+)
+def test_new_model_needs_enough_steps_failing_below_the_threshold(failed, total, ok, says):
+    verified, evidence = judge_new_model(model=BACKUP, stats=FailureStats(failed=failed, total=total), min_steps=5,
+                                         max_error_rate=0.5)
+    assert verified is ok and says in evidence
+
+
+@given(failed=st.integers(0, 100), extra=st.integers(0, 100), min_steps=st.integers(1, 50), rate=st.floats(0.01, 1.0))
+def test_new_model_verdict_invariants(failed, extra, min_steps, rate):
+    total = failed + extra
+    verified, _ = judge_new_model(model=BACKUP, stats=FailureStats(failed=failed, total=total), min_steps=min_steps,
+                                  max_error_rate=rate)
+    assert verified == (total >= min_steps and failed / total < rate)
 
 
 @given(
