@@ -1,31 +1,35 @@
 """`post-recovery-check`: the runbook's Post-Recovery Checklist, automated, with the evidence behind each tick.
 
-Read-only. Ticks the four checkable items from the systems themselves — every worker pod Ready and its
-consumer reading from Redis; the queue lag back under a threshold; no run `running` for too long; alerting
-alive (the alert bridge saw a recent heartbeat alert, or Alertmanager's API answers: `FD_ALERTING_CHECK`) —
-and asks the two human items (root cause documented, preventive measures identified) through a form in the
-Prefect UI when run with `interactive=True`; otherwise they are listed as open.
+Read-only: it acts on nothing, so its outcome is ``nothing_to_do`` when every checkable item holds and
+``not_verified`` (the run ends Failed, after its report) when any does not. The four checkable items are
+ticked from the systems themselves — every worker pod Ready and its consumer reading from Redis; the queue
+lag back under a threshold; no run `running` for too long; alerting alive (the alert bridge saw a recent
+heartbeat alert, or Alertmanager's API answers: `FD_ALERTING_CHECK`; with ``none`` it is left to a person).
+The two human items (root cause documented, preventive measures identified) are asked through a form in the
+Prefect UI with `interactive=True`, else listed as open; they are reported and never fail the run.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from flows._ui import describe_parameters
 from tasks import runs
-from tasks.alerting import check_alerting
+from tasks.alerting import AlertingError, AlertingStatus, check_alerting
 from tasks.correlate import ChecklistItem, no_stuck_runs, queue_depth_ok, workers_ready_and_consuming
+from tasks.outcome import RecoveryResult, Table
 from tasks.recovery import observe_workers
-from tasks.report import Report, markdown_table
-from tasks.settings import get_settings
+from tasks.report import conclude, recording
+from tasks.settings import Settings, get_settings
 
 FLOW_NAME = "post-recovery-check"
+ALERTING = "Alerting confirmed working"
 ROOT_CAUSE = "Root cause documented"
 PREVENTION = "Preventive measures identified"
 
@@ -39,17 +43,17 @@ class HumanChecklist(RunInput):
     notes: str = Field("", max_length=2000, description="Anything the next on-call should know.")
 
 
-class PostRecoveryResult(BaseModel):
-    items: list[ChecklistItem]
-    all_ok: bool
-    open_items: list[str]
-    report: str = ""
+class PostRecoveryCheck(RecoveryResult):
+    """The runbook's six checklist items, in its order: ticked (True), failed (False) or open for a person
+    (None). The checkable ones that hold or fail are also its ``checks``."""
 
+    items: list[ChecklistItem] = Field(default_factory=list)
+    operator_notes: str = ""
 
-def checklist_markdown(items: list[ChecklistItem]) -> str:
-    """The checklist as GitHub-style task list lines, each with its evidence."""
-    mark = {True: "[x]", False: "[ ] ❌", None: "[ ] (open)"}
-    return "\n".join(f"- {mark[i.ok]} **{i.item}** — {i.evidence}" for i in items)
+    @property
+    def open_items(self) -> list[str]:
+        """Items left to a person (the human ones unless confirmed; alerting when its check is disabled)."""
+        return [i.item for i in self.items if i.ok is None]
 
 
 def human_items(answer: HumanChecklist | None, *, asked: bool) -> list[ChecklistItem]:
@@ -64,6 +68,31 @@ def human_items(answer: HumanChecklist | None, *, asked: bool) -> list[Checklist
         ChecklistItem(item=PREVENTION, ok=answer.preventive_measures_identified or None,
                       evidence="confirmed by the operator" if answer.preventive_measures_identified else "not yet"),
     ]
+
+
+def person_rows(items: list[ChecklistItem]) -> list[dict[str, Any]]:
+    """Pure: the items a person owns — the human ones, and any checkable one left open — as report rows."""
+    status = {True: "confirmed", False: "failing", None: "open"}
+    return [{"item": i.item, "status": status[i.ok], "evidence": i.evidence}
+            for i in items if i.ok is None or i.item in (ROOT_CAUSE, PREVENTION)]
+
+
+def alerting_item(*, settings: Settings, mode: str | None) -> ChecklistItem:
+    """Ask the alerting endpoint; one that stays unreachable after the retries is a failing item, not a crash."""
+    try:
+        status = check_alerting(settings=settings, mode=mode)
+    except AlertingError as e:
+        status = AlertingStatus(mode=mode or settings.alerting_check, ok=False, evidence=str(e))
+    return ChecklistItem(item=ALERTING, ok=status.ok, evidence=status.evidence)
+
+
+def ask_operator(*, timeout_s: int) -> HumanChecklist | None:
+    """Pause the run for the checklist form in the Prefect UI; None when nobody answered in time."""
+    try:
+        return pause_flow_run(wait_for_input=HumanChecklist, timeout=timeout_s, poll_interval=1)
+    except Exception as e:  # noqa: BLE001 - a timed-out or failed pause leaves the items open
+        get_run_logger().warning("no answer to the checklist form: %s", type(e).__name__)
+        return None
 
 
 @flow(name=FLOW_NAME, flow_run_name="post-recovery check")
@@ -86,46 +115,36 @@ def post_recovery_check(
         Literal["bridge", "alertmanager", "none"] | None,
         Field(description="How to confirm alerting works (default FD_ALERTING_CHECK)."),
     ] = None,
-) -> PostRecoveryResult:
-    """Tick the runbook's post-recovery checklist from live evidence; ask a person for the rest."""
+) -> PostRecoveryCheck:
+    """Tick the runbook's post-recovery checklist from live evidence (read-only); ask a person for the rest."""
     settings = get_settings()
-    log = get_run_logger()
     depth = settings.post_check_max_queue_depth if max_queue_depth is None else max_queue_depth
     idle = settings.post_check_consumer_idle_ms if consumer_idle_ms is None else consumer_idle_ms
-    report = Report(title="Post-recovery check")
-
-    view = observe_workers(settings=settings)
-    cutoff = datetime.now(UTC) - timedelta(minutes=stuck_older_than_minutes)
-    stuck = runs.find_stuck_runs_task(settings=settings, cutoff=cutoff, limit=100)
-    alert_status = check_alerting(settings=settings, mode=alerting)
-    report.table("Observed", view.pod_rows(), caption="Worker pods and their consumers")
-    report.table("Observed", view.snapshot.summary_rows(), caption="Queue")
-
-    snap = view.snapshot
-    items = [
-        workers_ready_and_consuming(links=view.links, desired=None, max_consumer_idle_ms=idle,
-                                    lag=int(snap.lag or 0)),
-        queue_depth_ok(lag=int(snap.lag or 0), pending=snap.pending, length=snap.length, max_depth=depth),
-        no_stuck_runs(stuck=stuck, older_than_minutes=stuck_older_than_minutes),
-        ChecklistItem(item="Alerting confirmed working", ok=alert_status.ok, evidence=alert_status.evidence),
-    ]
-    answer: HumanChecklist | None = None
-    if interactive:
-        report.add("Decided", "Asked the operator for the two human items (form in the Prefect UI).")
-        try:
-            answer = pause_flow_run(wait_for_input=HumanChecklist, timeout=human_timeout_s, poll_interval=1)
-        except Exception as e:  # noqa: BLE001 - a timed-out or failed pause leaves the items open
-            log.warning("no answer to the checklist form: %s", type(e).__name__)
-    items += human_items(answer, asked=interactive)
-    if answer is not None and answer.notes:
-        report.add("Done", f"Operator notes: {answer.notes}")
-
-    open_items = [i.item for i in items if i.ok is not True]
-    all_ok = all(i.ok is True for i in items[:4])
-    report.add("Verified", checklist_markdown(items))
-    report.add("Verified", markdown_table([i.model_dump() for i in items]))
-    report.outcome = "all checks pass" if all_ok and not open_items else (
-        "checks pass, human items open" if all_ok else "checks FAILING")
-    markdown = report.publish(key=FLOW_NAME, description="Runbook post-recovery checklist with evidence")
-    log.info("post-recovery-check: %s", report.outcome)
-    return PostRecoveryResult(items=items, all_ok=all_ok, open_items=open_items, report=markdown)
+    with recording(PostRecoveryCheck(flow=FLOW_NAME, title="Post-recovery check")) as result:
+        # observe
+        view = observe_workers(settings=settings)
+        cutoff = datetime.now(UTC) - timedelta(minutes=stuck_older_than_minutes)
+        stuck = runs.find_stuck_runs_task(settings=settings, cutoff=cutoff, limit=100)
+        snap, lag = view.snapshot, int(view.snapshot.lag or 0)
+        result.note("observed", Table(caption="Worker pods and their consumers", rows=view.pod_rows()))
+        result.note("observed", Table(caption="Queue", rows=snap.summary_rows()))
+        # decide: tick each checkable item from its evidence (pure), ask a person for the others
+        result.items = [
+            workers_ready_and_consuming(links=view.links, desired=None, max_consumer_idle_ms=idle, lag=lag),
+            queue_depth_ok(lag=lag, pending=snap.pending, length=snap.length, max_depth=depth),
+            no_stuck_runs(stuck=stuck, older_than_minutes=stuck_older_than_minutes),
+            alerting_item(settings=settings, mode=alerting),
+        ]
+        if interactive:
+            result.note("decided", "Asked the operator for the two human items (form in the Prefect UI).")
+        answer = ask_operator(timeout_s=human_timeout_s) if interactive else None
+        result.items += human_items(answer, asked=interactive)
+        if answer is not None and answer.notes:
+            result.operator_notes = answer.notes
+            result.note("observed", f"Operator notes: {answer.notes}")
+        result.note("decided", Table(caption="For a person", rows=person_rows(result.items)))
+        # verify: every checkable item that was checked is one check (an open one is left to a person)
+        for item in result.items[:4]:
+            if item.ok is not None:
+                result.check(item.item, item.ok, item.evidence)
+    return conclude(result)

@@ -4,7 +4,11 @@ Observes once: worker pods (diagnosed) joined with their consumers, the queue, r
 MCP server's health and recent LLM step failures per model. A pure planner (`tasks.correlate.plan_triage`)
 picks which recovery flows apply and in which order — dependencies the workers need first (MCP, LLM), then
 crashed workers, hung suspects, capacity, stuck runs — and always ends with `post-recovery-check`. The plan is
-published first (and with `dry_run` it is the only thing that happens); then each step runs as a subflow.
+published first (and with `dry_run` it is the only thing that happens); then each step runs as a subflow, the
+rest still running when one fails. Triage reads each subflow's typed result from its final state (never its
+report): one action per subflow that acted and one check per subflow ("<flow> verified"), so its own outcome
+is ``partial``/``not_verified``/``failed`` — and the run Failed — when any subflow's is, or a subflow ended
+Failed.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
@@ -23,12 +27,15 @@ from flows._ui import describe_parameters
 from tasks import runs
 from tasks.correlate import PlanStep, TriageObservation, plan_triage
 from tasks.errors import RETRY
+from tasks.outcome import Action, ActionStatus, Outcome, RecoveryResult, Table
 from tasks.probes import check_mcp_health
 from tasks.recovery import observe_workers
-from tasks.report import Report, artifact_key, markdown_table
+from tasks.report import artifact_key, conclude, recording, scrub
 from tasks.settings import Settings, get_settings
 
 FLOW_NAME = "worker-failure-triage"
+POST_CHECK = "post-recovery-check"
+COMPLETED, SKIPPED = "completed", "skipped"
 
 # flow name -> "module:function" of the recovery it runs (the entrypoints of prefect.yaml)
 FLOWS: dict[str, str] = {
@@ -38,7 +45,7 @@ FLOWS: dict[str, str] = {
     "worker-hang-recovery": "flows.worker_hang:worker_hang_recovery",
     "scale-workers": "flows.scale_workers:scale_workers",
     "stuck-runs-sweep": "flows.stuck_runs:stuck_runs_sweep",
-    "post-recovery-check": "flows.post_recovery_check:post_recovery_check",
+    POST_CHECK: "flows.post_recovery_check:post_recovery_check",
 }
 
 
@@ -48,17 +55,36 @@ def _run_name() -> str:
 
 
 class StepResult(BaseModel):
+    """One planned subflow: how its run ended and, when it returned one, its typed outcome (never its report)."""
+
     flow: str
-    parameters: dict[str, Any]
-    status: str
-    summary: str = ""
+    target: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    ignored_parameters: list[str] = Field(default_factory=list)
+    state: str = Field(description="The subflow run's Prefect state type (completed, failed, crashed, cancelled) "
+                                   "or skipped (stop_on_failure).")
+    outcome: Outcome | None = Field(None, description="The subflow's typed outcome; failed when it raised; "
+                                                      "None when skipped or it returned no typed result.")
+    cause: str = ""
+    actions: list[Action] = Field(default_factory=list, description="What the subflow did (its own actions).")
+    flow_run_id: str | None = None
+
+    @property
+    def failing(self) -> bool:
+        """The subflow ended Failed (or crashed, was cancelled) or its outcome is a failing one."""
+        return self.state not in (COMPLETED, SKIPPED) or (self.outcome is not None and self.outcome.failing)
 
 
-class TriageResult(BaseModel):
-    dry_run: bool
-    plan: list[PlanStep]
+class TriageResult(RecoveryResult):
+    """The plan triage made from one observation, and how each planned subflow ended."""
+
+    alertname: str | None = None
+    plan: list[PlanStep] = Field(default_factory=list)
     steps: list[StepResult] = Field(default_factory=list)
-    report: str = ""
+
+    @property
+    def failing_steps(self) -> list[StepResult]:
+        return [s for s in self.steps if s.failing]
 
 
 @task(name="observe-llm-failures", **RETRY)
@@ -85,6 +111,79 @@ def observe(*, settings: Settings, check_mcp: bool, check_llm: bool, stuck_minut
                              ready_workers=view.ready_workers)
 
 
+def observation_rows(obs: TriageObservation, *, stuck_minutes: int) -> list[dict[str, Any]]:
+    """Pure: what triage saw, one signal a row."""
+    mcp = {True: "yes", False: "no", None: "not checked"}[obs.mcp_healthy]
+    return [
+        {"signal": "worker pods", "value": sum(1 for lnk in obs.links if lnk.pod_state)},
+        {"signal": "Ready workers", "value": obs.ready_workers},
+        {"signal": "consumers without a pod", "value": sum(1 for lnk in obs.links if not lnk.pod_state)},
+        {"signal": "queue lag / pending", "value": f"{obs.lag} / {obs.pending}"},
+        {"signal": f"runs running > {stuck_minutes} min", "value": obs.stuck_runs},
+        {"signal": "MCP healthy", "value": mcp},
+        {"signal": "LLM models failing", "value": ", ".join(obs.llm_failing_models) or "none"},
+    ]
+
+
+def _joined(parameters: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in parameters.items())
+
+
+def plan_rows(plan: list[PlanStep]) -> list[dict[str, Any]]:
+    """Pure: the plan, one step a row (parameters joined, no Python reprs)."""
+    return [{"#": i + 1, "flow": s.flow, "parameters": _joined(s.parameters), "why": s.why} for i, s in enumerate(plan)]
+
+
+def step_target(step: PlanStep) -> str:
+    """Pure: what one step is about — the flow, and its pod when it has one (unique within a plan)."""
+    pod = step.parameters.get("pod")
+    return f"{step.flow} pod/{pod}" if pod else step.flow
+
+
+def step_parameters(step: PlanStep, extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Pure: the planned parameters, the caller's extras for that flow, and ``dry_run=False`` for recoveries."""
+    params: dict[str, Any] = {**step.parameters, **extra.get(step.flow, {})}
+    if step.flow != POST_CHECK:
+        params.setdefault("dry_run", False)
+    return params
+
+
+_ACTION_FOR = {Outcome.RECOVERED: ActionStatus.DONE, Outcome.PARTIAL: ActionStatus.DONE,
+               Outcome.FAILED: ActionStatus.FAILED, Outcome.REFUSED: ActionStatus.REFUSED,
+               Outcome.DRY_RUN: ActionStatus.DRY_RUN}
+
+
+def step_action(step: StepResult) -> ActionStatus | None:
+    """Pure: the status of triage's action for one subflow, from the subflow's outcome; None when it acted on
+    nothing (nothing to do, a read-only check, skipped), so only its check speaks for it."""
+    if step.state == SKIPPED:
+        return None
+    if step.outcome is None:
+        return None if step.state == COMPLETED else ActionStatus.FAILED
+    if step.outcome is Outcome.NOT_VERIFIED:  # acted and could not verify, or needed to act and could not
+        acted = any(a.status in (ActionStatus.DONE, ActionStatus.UNCHANGED) for a in step.actions)
+        return ActionStatus.DONE if acted else None
+    return _ACTION_FOR.get(step.outcome)
+
+
+def step_verified(step: StepResult) -> bool:
+    """Pure: the subflow ended Completed with a green outcome (recovered or nothing to do)."""
+    return step.state == COMPLETED and step.outcome in (Outcome.RECOVERED, Outcome.NOTHING_TO_DO)
+
+
+def record_step(result: TriageResult, step: StepResult) -> None:
+    """Add one subflow to triage's result: the step, its action (if it acted) and its check."""
+    result.steps.append(step)
+    shown = {k: v for k, v in step.parameters.items() if k != "dry_run"}
+    ignored = f"ignored parameters: {', '.join(step.ignored_parameters)}" if step.ignored_parameters else ""
+    status = step_action(step)
+    if status is not None:
+        result.act(step.flow, step.target, status, detail="; ".join(x for x in (_joined(shown), ignored) if x))
+    verified = step_verified(step)
+    outcome = step.outcome.value if step.outcome else step.state
+    result.check(f"{step.flow} verified", verified, outcome if verified else step.cause or outcome, target=step.target)
+
+
 def _load(flow_name: str) -> Any:
     module, _, attr = FLOWS[flow_name].partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -96,15 +195,27 @@ def split_parameters(fn: Any, params: dict[str, Any]) -> tuple[dict[str, Any], l
     return {k: v for k, v in params.items() if k in accepted}, sorted(k for k in params if k not in accepted)
 
 
-def _summary(value: Any) -> str:
-    for attr in ("outcome", "status"):
-        if isinstance(getattr(value, attr, None), str):
-            return getattr(value, attr)
-    report = getattr(value, "report", None)
-    if isinstance(report, str):
-        line = next((ln for ln in report.splitlines() if ln.startswith("Outcome:")), "")
-        return line.replace("Outcome:", "").split("·")[0].strip().strip("*")
-    return type(value).__name__
+def run_step(step: PlanStep, params: dict[str, Any]) -> StepResult:
+    """Run one planned recovery as a subflow and read its typed result from its final state; a subflow that
+    raised (or could not start) is a failed step, never an exception here."""
+    done = StepResult(flow=step.flow, target=step_target(step), parameters=params, state="failed")
+    try:
+        fn = _load(step.flow)
+        accepted, done.ignored_parameters = split_parameters(fn, params)
+        state = fn(**accepted, return_state=True)
+        done.state, done.flow_run_id = state.type.value.lower(), str(state.state_details.flow_run_id)
+        value = state.result(raise_on_failure=False)
+    except Exception as e:  # noqa: BLE001 - one failing recovery must not stop the rest; it is recorded
+        value = e
+    if isinstance(value, RecoveryResult):
+        done.outcome, done.cause, done.actions = value.outcome, scrub(value.cause()), list(value.actions)
+    elif isinstance(value, BaseException):
+        done.outcome, done.cause = Outcome.FAILED, f"{type(value).__name__}: {scrub(str(value))[:300]}"
+    else:
+        done.cause = f"returned no typed result ({type(value).__name__}): cannot tell what it verified"
+    if done.failing:
+        get_run_logger().warning("triage step %s ended %s: %s", step.flow, done.state, done.cause)
+    return done
 
 
 @flow(name=FLOW_NAME, flow_run_name=_run_name)
@@ -123,63 +234,36 @@ def worker_failure_triage(
     ] = None,
     stop_on_failure: Annotated[bool, Field(description="Stop the plan at the first failing step.")] = False,
 ) -> TriageResult:
-    """Observe pods, queue, runs, MCP and LLM once; plan the recoveries; publish the plan; run it."""
+    """Observe pods, queue, runs, MCP and LLM once; plan the recoveries; publish the plan; run every step."""
     settings = get_settings()
-    log = get_run_logger()
-    report = Report(title="Worker failure triage" + (f" for {alertname}" if alertname else "") + (" (dry run)" if dry_run else ""))
-    obs = observe(settings=settings, check_mcp=check_mcp, check_llm=check_llm, stuck_minutes=stuck_older_than_minutes)
-    report.table("Observed", [
-        {"signal": "worker pods", "value": sum(1 for lnk in obs.links if lnk.pod_state)},
-        {"signal": "Ready workers", "value": obs.ready_workers},
-        {"signal": "consumers without a pod", "value": sum(1 for lnk in obs.links if not lnk.pod_state)},
-        {"signal": "queue lag / pending", "value": f"{obs.lag} / {obs.pending}"},
-        {"signal": f"runs running > {stuck_older_than_minutes} min", "value": obs.stuck_runs},
-        {"signal": "MCP healthy", "value": obs.mcp_healthy if obs.mcp_healthy is not None else "not checked"},
-        {"signal": "LLM models failing", "value": ", ".join(obs.llm_failing_models) or "none"},
-    ])
-    plan = plan_triage(
-        obs=obs, consumer_for_pod=settings.consumer_for_pod,
-        hang_min_idle_ms=settings.hang_min_idle_ms if hang_min_idle_ms is None else hang_min_idle_ms,
-        hang_max_cpu_millicores=settings.hung_cpu_millicores,
-        backlog_threshold=settings.triage_backlog_threshold if backlog_threshold is None else backlog_threshold,
-        max_replicas=settings.max_replicas,
-    )
-    plan_rows = [{"#": i + 1, "flow": s.flow, "parameters": s.parameters or "", "why": s.why} for i, s in enumerate(plan)]
-    report.table("Decided", plan_rows, caption="Plan")
-    create_markdown_artifact(key=artifact_key(f"{FLOW_NAME}-plan"), markdown="# Triage plan\n\n" + markdown_table(plan_rows),
-                             description="What triage will run, in order, and why")
-    result = TriageResult(dry_run=dry_run, plan=plan)
-    if dry_run:
-        report.add("Done", "Dry run: the plan above was only shown; nothing ran.")
-        report.outcome = "plan only (dry run)"
-        result.report = report.publish(key=FLOW_NAME)
-        return result
-
-    extra = subflow_parameters or {}
-    failed = False
-    for step in plan:
-        params: dict[str, Any] = {**step.parameters, **extra.get(step.flow, {})}
-        if step.flow != "post-recovery-check":
-            params.setdefault("dry_run", False)
-        if failed and stop_on_failure and step.flow != "post-recovery-check":
-            result.steps.append(StepResult(flow=step.flow, parameters=params, status="skipped", summary="an earlier step failed"))
-            continue
-        try:
-            fn = _load(step.flow)
-            params, dropped = split_parameters(fn, params)
-            value = fn(**params)
-        except Exception as e:  # noqa: BLE001 - one failing recovery must not hide the rest; reported below
-            failed = True
-            log.warning("triage step %s failed: %s", step.flow, type(e).__name__)
-            result.steps.append(StepResult(flow=step.flow, parameters=params, status="failed",
-                                           summary=f"{type(e).__name__}: {str(e)[:200]}"))
-            continue
-        note = f" (ignored unknown parameters: {', '.join(dropped)})" if dropped else ""
-        result.steps.append(StepResult(flow=step.flow, parameters=params, status="completed",
-                                       summary=_summary(value) + note))
-    report.table("Done", [s.model_dump() for s in result.steps], caption="Subflows")
-    final = result.steps[-1] if result.steps else None
-    report.add("Verified", f"post-recovery-check: {final.summary if final else 'not run'}")
-    report.outcome = "completed with failures" if failed else "completed"
-    result.report = report.publish(key=FLOW_NAME)
-    return result
+    title = "Worker failure triage" + (f" for {alertname}" if alertname else "") + (" (dry run)" if dry_run else "")
+    with recording(TriageResult(flow=FLOW_NAME, title=title, dry_run=dry_run, alertname=alertname)) as result:
+        # observe
+        obs = observe(settings=settings, check_mcp=check_mcp, check_llm=check_llm, stuck_minutes=stuck_older_than_minutes)
+        result.note("observed", Table(rows=observation_rows(obs, stuck_minutes=stuck_older_than_minutes)))
+        # decide (pure), and publish the plan before anything runs
+        result.plan = plan_triage(
+            obs=obs, consumer_for_pod=settings.consumer_for_pod,
+            hang_min_idle_ms=settings.hang_min_idle_ms if hang_min_idle_ms is None else hang_min_idle_ms,
+            hang_max_cpu_millicores=settings.hung_cpu_millicores,
+            backlog_threshold=settings.triage_backlog_threshold if backlog_threshold is None else backlog_threshold,
+            max_replicas=settings.max_replicas,
+        )
+        rows = plan_rows(result.plan)
+        result.note("decided", Table(caption="Plan", rows=rows))
+        create_table_artifact(key=artifact_key(f"{FLOW_NAME}-plan"), table=rows,
+                              description="What triage will run, in order, and why")
+        if dry_run:
+            for step in result.plan:
+                result.act(step.flow, step_target(step), ActionStatus.DRY_RUN, detail=step.why)
+            return conclude(result)
+        # act + verify: each subflow in turn, the rest still run when one fails; its typed result is the check
+        extra = subflow_parameters or {}
+        for step in result.plan:
+            params = step_parameters(step, extra)
+            if stop_on_failure and result.failing_steps and step.flow != POST_CHECK:
+                record_step(result, StepResult(flow=step.flow, target=step_target(step), parameters=params,
+                                               state=SKIPPED, cause="skipped: an earlier step failed (stop_on_failure)"))
+                continue
+            record_step(result, run_step(step, params))
+    return conclude(result)

@@ -380,13 +380,16 @@ def post_recovery_check_once(stack: Any) -> tuple[bool, str]:
     """One run of the ``post-recovery-check`` flow (in this process, against the stack); (passed, evidence)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.post_recovery_check import post_recovery_check
+    from flows.post_recovery_check import ALERTING, post_recovery_check
     from tasks.settings import use_settings
 
     with temporary_settings(updates={PREFECT_API_URL: stack.api_url}), use_settings(stack.flow_settings):
-        result = post_recovery_check()
-    failing = "; ".join(f"{i.item}: {i.evidence}" for i in result.items[:4] if i.ok is not True)
-    return result.all_ok, failing
+        state = post_recovery_check(return_state=True)  # Failed (not_verified) until every check holds
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        return False, f"{type(result).__name__}: {result}"
+    failing = "; ".join(f"{c.name}: {c.detail}" for c in result.failed_checks) or (result.error or "")
+    return not result.outcome.failing and ALERTING not in result.open_items, failing  # all four ticked
 
 
 # ----------------------------------------------------------------------------------- scenarios

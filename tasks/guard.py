@@ -3,8 +3,9 @@
 Every function that changes a system is declared with ``@guarded(...)`` (under its ``@task``): it takes a
 required ``dry_run`` keyword, and unless it is a dry run the decorator asks the guard before the body runs —
 kill switch, then the target's cooldown and the budget when declared. A refusal raises ``Refused`` (a reported
-outcome, never retried) and nothing changes; a body that raises gives its cooldown back, so a failed action does
-not block the next attempt. ``GUARDED`` lists every such function, so a test can walk them all.
+outcome, never retried) and nothing changes. A body that raises, or returns ``changed`` False, took no effect:
+its cooldown and budget slot are given back, so a failed action never blocks the next attempt. ``GUARDED``
+lists every such function, so a test can walk them all.
 
 Budgets are Prefect global concurrency limits used as rate limits (slot decay), created on first use and
 acquired with ``strict=True`` so a missing limit can never silently allow everything.
@@ -201,6 +202,25 @@ def _release_cooldown(*, settings: Settings, action: str, target: str) -> None:
     redis_client(settings).delete(_cooldown_key(settings, action, target))
 
 
+def _refund(budget: Budget) -> None:
+    """Give one slot back to a budget (an action that failed or changed nothing took no effect)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots(names=[budget.name], slots=1, occupancy_seconds=0.001)
+
+
+def _give_back(*, settings: Settings, action: str, target: str, cooldown: bool, budget: Budget | None) -> None:
+    """Undo what ``authorize`` spent for an action that took no effect (best effort: never hides the cause)."""
+    try:
+        if cooldown and settings.target_cooldown_s > 0:
+            _release_cooldown(settings=settings, action=action, target=target)
+        if budget is not None and budget.limit > 0:
+            _refund(budget)
+    except Exception as e:  # noqa: BLE001 - the action's own outcome matters more than the refund
+        log.warning("could not give back the cooldown/budget of %s %s: %s", action, target, e)
+
+
 def authorize(
     *, action: str, target: str, settings: Settings, budget: Budget | None = None, cooldown_s: int | None = None
 ) -> None:
@@ -244,15 +264,17 @@ def guarded(
                 return fn(**kwargs)
             settings: Settings = kwargs["settings"]
             what = target(kwargs) if target else "-"
-            cooldown_s = None if cooldown else 0
-            authorize(action=action, target=what, settings=settings,
-                      budget=budget(settings) if budget else None, cooldown_s=cooldown_s)
+            spends = budget(settings) if budget else None
+            authorize(action=action, target=what, settings=settings, budget=spends,
+                      cooldown_s=None if cooldown else 0)
             try:
-                return fn(**kwargs)
+                value = fn(**kwargs)
             except BaseException:
-                if cooldown and settings.target_cooldown_s > 0:
-                    _release_cooldown(settings=settings, action=action, target=what)
+                _give_back(settings=settings, action=action, target=what, cooldown=cooldown, budget=spends)
                 raise
+            if getattr(value, "changed", True) is False:  # a no-op took no effect
+                _give_back(settings=settings, action=action, target=what, cooldown=cooldown, budget=spends)
+            return value
 
         wrapper.guard_action = action  # type: ignore[attr-defined]
         GUARDED[action] = wrapper

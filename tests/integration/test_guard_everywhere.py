@@ -142,3 +142,23 @@ def test_a_failed_action_gives_its_cooldown_back(world: Settings, cluster, mocke
     assert _fn(kube.delete_pod)(settings=world, pod=pod, dry_run=False).changed
     with pytest.raises(Refused, match="cooldown"):
         _fn(kube.delete_pod)(settings=world, pod=pod, dry_run=False)
+
+
+def test_an_action_that_changed_nothing_gives_its_cooldown_back(world: Settings, cluster):
+    env = {"settings": world, "deployment": world.worker_deployment, "container": world.worker_container,
+           "name": world.llm_model_env}
+    current = _fn(kube.get_deployment_env)(**env)
+    assert _fn(kube.set_deployment_env)(**env, value=current, dry_run=False).changed is False
+    assert _fn(kube.set_deployment_env)(**env, value="openai/gpt-guard-test", dry_run=False).changed
+    with pytest.raises(Refused, match="cooldown"):
+        _fn(kube.set_deployment_env)(**env, value=current, dry_run=False)
+
+
+def test_a_failed_pod_deletion_refunds_the_budget(world: Settings, cluster):
+    pods = sorted(p.name for p in kube.list_worker_pods.fn(settings=world))
+    budget = world.pod_deletions_per_hour
+    for _ in range(budget):  # each attempt fails: none may spend the budget
+        cluster.fail_api(status=403, count=1, path_contains=f"/pods/{pods[0]}")
+        with pytest.raises(kube.KubeForbidden):
+            _fn(kube.delete_pod)(settings=world, pod=pods[0], dry_run=False)
+    assert _fn(kube.delete_pod)(settings=world, pod=pods[1], dry_run=False).changed

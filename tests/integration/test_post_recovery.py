@@ -12,12 +12,14 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, Fl
 from prefect.flow_runs import resume_flow_run
 
 from deployments.bridge import BridgeSettings, create_app
-from flows.post_recovery_check import post_recovery_check
+from flows.post_recovery_check import ALERTING, PREVENTION, ROOT_CAUSE, post_recovery_check
 from sandbox.http_server import serve_app
 from tasks import runs
+from tasks.outcome import Outcome
 from tasks.settings import use_settings
 from tests.integration import _recovery_fixtures as fx
 from tests.integration._recovery_fixtures import worker_pods
+from tests.integration.test_mcp_recovery import report_of
 
 pytestmark = pytest.mark.timeout(120)
 env = fx.env  # the per-test settings fixture
@@ -53,20 +55,29 @@ def consume_once(redis, s, pods):
             redis.xack(s.stream, s.group, *[entry_id for entry_id, _ in batch])
 
 
+WORKERS, QUEUE, STUCK = "All workers healthy and processing", "Queue depth returning to normal", "No runs stuck in invalid states"
+
+
 def test_everything_healthy_ticks_the_four_checks_with_evidence(env, cluster, redis, bridge):
     send_watchdog(bridge.url)
     s = env.model_copy(update={"alerting_check": "bridge", "bridge_heartbeat_url": f"{bridge.url}/heartbeat"})
     pods = worker_pods(cluster, s)
     consume_once(redis, s, pods)
     with use_settings(s):
-        result = post_recovery_check()
-    by = {i.item: i for i in result.items}
-    assert result.all_ok and [i.ok for i in result.items[:4]] == [True, True, True, True]
-    assert by["All workers healthy and processing"].evidence == "3 worker pods Ready and consuming"
-    assert "lag 0" in by["Queue depth returning to normal"].evidence
-    assert "last heartbeat alert" in by["Alerting confirmed working"].evidence
-    assert result.open_items == ["Root cause documented", "Preventive measures identified"]
-    assert "- [x] **Alerting confirmed working**" in result.report and "(open) **Root cause documented**" in result.report
+        state = post_recovery_check(return_state=True)
+    result = state.result()
+    assert state.is_completed() and result.outcome is Outcome.NOTHING_TO_DO and result.actions == []
+    by = {c.name: c for c in result.checks}
+    assert list(by) == [WORKERS, QUEUE, STUCK, ALERTING] and all(c.ok for c in result.checks)
+    assert by[WORKERS].detail == "3 worker pods Ready and consuming"
+    assert "lag 0" in by[QUEUE].detail and "last heartbeat alert" in by[ALERTING].detail
+    assert result.open_items == [ROOT_CAUSE, PREVENTION]
+    # the report shows the checklist once (checks, then what is left to a person), as tables, no stray markup
+    md = report_of(state, key="post-recovery-check")
+    for item in (WORKERS, QUEUE, STUCK, ALERTING, ROOT_CAUSE, PREVENTION):
+        assert md.count(item) == 1, item
+    assert "Outcome: nothing_to_do" in md
+    assert not [line for line in md.splitlines() if line.startswith("|") and "**" in line]
 
 
 def test_failures_name_the_pod_the_backlog_the_stuck_run_and_the_missing_heartbeat(env, cluster, redis):
@@ -84,16 +95,27 @@ def test_failures_name_the_pod_the_backlog_the_stuck_run_and_the_missing_heartbe
         s = s.model_copy(update={"bridge_heartbeat_url": f"{silent.url}/heartbeat"})
         fx.wait_for(lambda: bad not in worker_pods(cluster, s), what="crash loop")
         with use_settings(s):
-            result = post_recovery_check(max_queue_depth=2)
+            state = post_recovery_check(max_queue_depth=2, return_state=True)
     finally:
         silent.stop()
-    by = {i.item: i for i in result.items}
-    assert not result.all_ok
-    assert by["All workers healthy and processing"].ok is False and bad in by["All workers healthy and processing"].evidence
-    assert by["Queue depth returning to normal"].ok is False and "lag 5 (threshold 2)" in by["Queue depth returning to normal"].evidence
-    assert by["No runs stuck in invalid states"].ok is False and "run_stuck_1" in by["No runs stuck in invalid states"].evidence
-    assert by["Alerting confirmed working"].ok is False and "no heartbeat" in by["Alerting confirmed working"].evidence
-    assert "checks FAILING" in result.report
+    assert state.is_failed()
+    result = state.result(raise_on_failure=False)
+    assert result.outcome is Outcome.NOT_VERIFIED and result.actions == []
+    by = {c.name: c for c in result.failed_checks}
+    assert list(by) == [WORKERS, QUEUE, STUCK, ALERTING]
+    assert bad in by[WORKERS].detail and "lag 5 (threshold 2)" in by[QUEUE].detail
+    assert "run_stuck_1" in by[STUCK].detail and "no heartbeat" in by[ALERTING].detail
+    assert "Outcome: not_verified" in report_of(state, key="post-recovery-check")
+
+
+def test_open_human_items_and_a_disabled_alerting_check_do_not_fail_the_run(env, cluster, redis):
+    s = env  # FD_ALERTING_CHECK=none in these tests
+    consume_once(redis, s, worker_pods(cluster, s))
+    state = post_recovery_check(return_state=True)
+    result = state.result()
+    assert state.is_completed() and result.outcome is Outcome.NOTHING_TO_DO
+    assert [c.name for c in result.checks] == [WORKERS, QUEUE, STUCK]
+    assert result.open_items == [ALERTING, ROOT_CAUSE, PREVENTION]
 
 
 def test_interactive_run_asks_the_human_items_through_a_form(env, cluster, redis):
@@ -103,7 +125,7 @@ def test_interactive_run_asks_the_human_items_through_a_form(env, cluster, redis
 
     def run() -> None:
         with use_settings(s):
-            box["result"] = post_recovery_check(interactive=True, human_timeout_s=60)
+            box["state"] = post_recovery_check(interactive=True, human_timeout_s=60, return_state=True)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -118,21 +140,29 @@ def test_interactive_run_asks_the_human_items_through_a_form(env, cluster, redis
     resume_flow_run(flow_run.id, run_input={"root_cause_documented": True, "root_cause_link": "INC-7",
                                              "preventive_measures_identified": True, "notes": "raise memory limit"})
     thread.join(60)
-    result = box["result"]
+    state = box["state"]
+    result = state.result()
     by = {i.item: i for i in result.items}
-    assert by["Root cause documented"].ok is True and "INC-7" in by["Root cause documented"].evidence
-    assert by["Preventive measures identified"].ok is True
-    assert "raise memory limit" in result.report
-    assert by["Alerting confirmed working"].ok is None  # FD_ALERTING_CHECK=none in this test: open, not ticked
+    assert by[ROOT_CAUSE].ok is True and "INC-7" in by[ROOT_CAUSE].evidence
+    assert by[PREVENTION].ok is True and result.operator_notes == "raise memory limit"
+    assert by[ALERTING].ok is None and result.open_items == [ALERTING]  # FD_ALERTING_CHECK=none: open, not ticked
+    assert result.outcome is Outcome.NOTHING_TO_DO
+    assert "raise memory limit" in report_of(state, key="post-recovery-check")
 
 
-def test_a_transient_kubernetes_error_is_retried_and_a_persistent_one_fails_clearly(env, cluster, redis):
+def test_a_transient_kubernetes_error_is_retried_and_a_persistent_one_fails_after_reporting(env, cluster, redis):
     s = env
     consume_once(redis, s, worker_pods(cluster, s))
     cluster.fail_api(500, count=1, path_contains="/pods")
     result = post_recovery_check()
-    assert result.items[0].ok is True  # the observe task failed once (HTTP 500), was retried, then saw 3 pods
+    assert result.checks[0].name == WORKERS and result.checks[0].ok  # the observe task failed once (HTTP 500),
+    # was retried, then saw 3 pods
     cluster.fail_api(500, count=50, path_contains="/pods")
-    with pytest.raises(Exception, match="HTTP 500"):
-        post_recovery_check()
-    cluster.clear_faults()
+    try:
+        state = post_recovery_check(return_state=True)
+    finally:
+        cluster.clear_faults()
+    assert state.is_failed()
+    result = state.result(raise_on_failure=False)
+    assert result.outcome is Outcome.FAILED and "500" in (result.error or "") and result.checks == []
+    assert "Outcome: failed" in report_of(state, key="post-recovery-check")

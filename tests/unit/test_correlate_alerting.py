@@ -6,8 +6,15 @@ import httpx
 import pytest
 import respx
 
-from flows.post_recovery_check import HumanChecklist, checklist_markdown, human_items
-from tasks.alerting import AlertingError, check_alerting, heartbeat_age_s, judge_heartbeat
+from flows.post_recovery_check import (
+    PREVENTION,
+    ROOT_CAUSE,
+    HumanChecklist,
+    alerting_item,
+    human_items,
+    person_rows,
+)
+from tasks.alerting import AlertingError, AlertingStatus, check_alerting, heartbeat_age_s, judge_heartbeat
 from tasks.correlate import ChecklistItem
 from tasks.settings import Settings
 
@@ -66,10 +73,23 @@ def test_human_items_open_unless_confirmed():
     assert items[0].ok is True and "INC-42" in items[0].evidence and items[1].ok is None
 
 
-def test_checklist_markdown_marks_ticks_failures_and_open_items():
-    md = checklist_markdown([
+def test_the_person_table_lists_the_human_items_and_open_checks_only():
+    items = [
         ChecklistItem(item="A", ok=True, evidence="e1"),
         ChecklistItem(item="B", ok=False, evidence="e2"),
-        ChecklistItem(item="C", ok=None, evidence="e3"),
-    ])
-    assert "- [x] **A** — e1" in md and "- [ ] ❌ **B** — e2" in md and "- [ ] (open) **C** — e3" in md
+        ChecklistItem(item="C", ok=None, evidence="alerting check disabled"),
+        ChecklistItem(item=ROOT_CAUSE, ok=True, evidence="confirmed by the operator (INC-1)"),
+        ChecklistItem(item=PREVENTION, ok=None, evidence="not yet"),
+    ]
+    rows = person_rows(items)
+    assert [(r["item"], r["status"]) for r in rows] == [("C", "open"), (ROOT_CAUSE, "confirmed"), (PREVENTION, "open")]
+    assert all("**" not in str(v) for r in rows for v in r.values())
+
+
+def test_an_unreachable_alerting_endpoint_is_a_failing_item_not_a_crash(mocker):
+    ask = mocker.patch("flows.post_recovery_check.check_alerting",
+                       side_effect=AlertingError("cannot reach http://bridge.test/heartbeat: ConnectError"))
+    item = alerting_item(settings=Settings(), mode="bridge")
+    assert item.item == "Alerting confirmed working" and item.ok is False and "cannot reach" in item.evidence
+    ask.return_value, ask.side_effect = AlertingStatus(mode="none", ok=None, evidence="disabled"), None
+    assert alerting_item(settings=Settings(), mode="none").ok is None
