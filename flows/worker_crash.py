@@ -1,70 +1,79 @@
 """`worker-crash-recovery`: the runbook's "Worker Process Crash", automated end to end.
 
-Observe every worker pod (status, events, previous logs, CPU) joined with its Redis consumer (a pod's name is
-its consumer name). Decide which workers crashed: crash-looping / OOM-killed / failed pods, and consumers whose
-pod is gone. For each: dead-letter the poison (an entry in its pending list delivered >= 2 times — the one its
-crash log names, else the oldest), requeue the rest AT ONCE (no 5-minute wait: the owner is known dead),
-replace the pod (guarded: kill switch, per-pod cooldown, pod-deletion budget), remove the consumer once empty,
-settle its runs through the stuck-runs policy with the live consumers known, verify a worker is Ready and
-consuming, and report the likely cause.
-A healthy, Ready worker is never a target: its entries are never taken.
+observe: every worker pod (status, events, previous logs, CPU) joined with its Redis consumer (a pod's name is
+its consumer name), and each crashed consumer's pending list, read once -> decide (pure,
+``tasks.correlate.plan_crash``): crashed workers are crash-looping / OOM-killed / failed pods and consumers
+whose pod is gone; for each, the poison (an entry delivered >= 2 times: the one its crash log names, else the
+oldest), where every other entry goes, whether its pod is replaced, the likely root cause -> act (guarded
+tasks): the poison to the DLQ and the rest requeued AT ONCE (no 5-minute wait: the owner is known dead; once
+per pod), the pod replaced (kill switch, per-pod cooldown, pod-deletion budget), the consumer removed once
+empty, its runs settled through the stuck-runs policy -> verify, per crashed worker: the crashed consumer holds
+nothing, a Ready replacement whose consumer reads from Redis -> report. A healthy, Ready worker is never a
+target: its entries are never taken. Acted but not verified ends the run Failed, after its report.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Annotated, Any
+from typing import Annotated
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows._ui import describe_parameters
 from tasks import kube, queue
-from tasks.correlate import CrashTarget, decide_crash, poison_entries, root_cause
+from tasks.correlate import CrashPlan, Skipped, decide_crash, live_consumers, plan_crash
 from tasks.events import emit_recovery_event
-from tasks.guard import check, may_remove_worker
+from tasks.kube_diagnosis import Classification
+from tasks.outcome import ActionStatus, RecoveryResult, Table
 from tasks.recovery import (
-    WorkersView,
-    dead_letter_entries,
-    guard_pod_deletion,
+    WorkerRecovery,
     observe_workers,
     read_consumer_entries,
-    settle_worker_runs,
+    recover_worker_entries,
+    remove_consumer,
+    replace_pod,
+    settle_runs,
+    wait_consuming,
 )
-from tasks.report import Report
+from tasks.report import conclude, recording
 from tasks.settings import get_settings
 
 FLOW_NAME = "worker-crash-recovery"
+# what each crashed worker is verified by (check names)
+CONSUMER_EMPTY = "crashed consumer's pending list empty"
+REPLACEMENT_READY = "Ready replacement"
+REPLACEMENT_READING = "replacement's consumer reads from Redis"
+WORKERS_READY = "a Ready worker takes the requeued entries"
 
 
 def _run_name() -> str:
     return f"recover {flow_run.parameters.get('pod') or 'crashed workers'}"
 
 
-class TargetOutcome(BaseModel):
-    """What happened to one crashed worker."""
+class CrashedWorker(BaseModel):
+    """What happened to one crashed worker (counts are previews in a dry run)."""
 
     pod: str
     consumer: str
-    cause: str
+    cause: Classification
     root_cause: str
-    refused: str | None = None
+    entries: int = 0
+    poison: list[str] = Field(default_factory=list)
     requeued: int = 0
-    dead_lettered: list[str] = Field(default_factory=list)
-    pod_action: str = "none"
+    dead_lettered: int = 0
+    pod_deleted: bool = False
     replacement: str | None = None
     consumer_deleted: bool = False
     runs_failed: list[str] = Field(default_factory=list)
     runs_retried: list[str] = Field(default_factory=list)
 
 
-class CrashRecoveryResult(BaseModel):
-    dry_run: bool
-    targets: list[TargetOutcome] = Field(default_factory=list)
-    skipped: list[dict[str, str]] = Field(default_factory=list)
-    verified: dict[str, Any] = Field(default_factory=dict)
-    report: str = ""
+class CrashRecovery(RecoveryResult):
+    """What a crash recovery run saw, did and verified, per crashed worker."""
+
+    targets: list[CrashedWorker] = Field(default_factory=list)
+    skipped: list[Skipped] = Field(default_factory=list)
 
 
 @flow(name=FLOW_NAME, flow_run_name=_run_name, log_prints=False)
@@ -92,179 +101,87 @@ def worker_crash_recovery(
     verify_consuming_s: Annotated[
         float, Field(ge=0, le=600, description="Wait this long for the replacement's consumer to read from Redis.")
     ] = 30.0,
-) -> CrashRecoveryResult:
+) -> CrashRecovery:
     """Recover crashed workers: poison to the DLQ, their steps requeued at once, pod replaced, runs settled."""
     settings = get_settings()
-    log = get_run_logger()
-    poison_n = poison_min_deliveries or settings.poison_min_deliveries
-    timeout_s = replacement_timeout_s or settings.replacement_timeout_s
-    report = Report(title=f"Worker crash recovery: {pod or 'all crashed workers'}" + (" (dry run)" if dry_run else ""))
-    result = CrashRecoveryResult(dry_run=dry_run)
-
-    # observe
-    view: WorkersView = observe_workers(settings=settings)
-    report.table("Observed", view.pod_rows(), caption="Worker pods and their consumers")
-    report.table("Observed", view.snapshot.summary_rows(), caption="Queue")
-
-    # decide
-    decision = decide_crash(links=view.links, pod=pod, consumer_for_pod=settings.consumer_for_pod)
-    result.skipped = [s.model_dump() for s in decision.skipped]
-    for s in decision.skipped:
-        report.add("Decided", f"- `{s.pod}`: {s.reason}")
-    if not decision.targets:
-        report.add("Decided", "No crashed worker: nothing to do.")
-    plans: list[tuple[CrashTarget, list, list]] = []
-    for t in decision.targets:
-        entries = read_consumer_entries(settings=settings, consumer=t.consumer) if t.pending else []
-        state = view.pods.get(t.pod)
-        poison = poison_entries(entries, consumer=t.consumer, min_deliveries=poison_n,
-                                log_lines=state.log_tail if state else ()) if t.cause != "pod-gone" else []
-        cause = root_cause(cause=t.cause, state=state, poison=poison)
-        plans.append((t, entries, poison))
-        result.targets.append(TargetOutcome(pod=t.pod, consumer=t.consumer, cause=t.cause, root_cause=cause))
-        report.add("Decided", f"- `{t.pod}` ({t.cause}): recover its {len(entries)} pending entries now"
-                   + (f", dead-letter the poison suspect {', '.join(e.entry_id for e in poison)}" if poison else "")
-                   + (", replace the pod" if t.replace_pod and replace_pod else "")
-                   + f". Likely root cause: {cause}")
-
-    # act
-    live = sorted(
-        settings.consumer_for_pod(name) for name, p in view.pods.items()
-        if p.ready and not p.terminating and name not in {t.pod for t in decision.targets}
-    )
-    for (t, entries, poison), out in zip(plans, result.targets, strict=True):
-        verdict = check(action="recover-crashed-worker", target=t.pod, dry_run=dry_run, settings=settings)
-        if verdict.refused and not verdict.dry_run:
-            out.refused = verdict.reason
-            report.add("Done", f"- `{t.pod}`: {verdict.reason}")
-            continue
-        acting = verdict.allowed
-        poison_ids = [e.entry_id for e in poison]
-        if not acting:  # dry run: what the two steps below would do, from the entries just read
-            over = [e.entry_id for e in entries if e.entry_id not in poison_ids and e.deliveries >= max_deliveries]
-            out.dead_lettered = poison_ids + over
-            out.requeued = len(entries) - len(out.dead_lettered)
-        else:
-            if poison_ids:
-                dead = dead_letter_entries(settings=settings, consumer=t.consumer, entry_ids=poison_ids,
-                                           reason=f"poison: crashed {t.pod} ({t.cause})", dry_run=False)
-                if dead.refused:
-                    out.refused = dead.refused
-                    report.add("Done", f"- `{t.pod}`: {dead.refused}")
-                    continue
-                out.dead_lettered = dead.dead_lettered
-            recovery = queue.recover_consumers_task(settings=settings, consumers=[t.consumer],
-                                                    max_deliveries=max_deliveries, dry_run=False)
-            if recovery.refused:
-                out.refused = recovery.refused
-                report.add("Done", f"- `{t.pod}`: {recovery.refused}")
-                continue
-            out.requeued = recovery.done.get("requeued", 0)
-            out.dead_lettered += [s["entry_id"] for s in recovery.samples if s.get("status") == "dead_lettered"]
-        verb = "" if acting else "would be "
-        report.add("Done", f"- `{t.pod}`: {out.requeued} entries {verb}requeued at once, "
-                   f"{len(out.dead_lettered)} {verb}dead-lettered"
-                   + (f" ({', '.join(out.dead_lettered[:5])})" if out.dead_lettered else ""))
-        if acting:
-            emit_recovery_event(action="entries-recovered", resource_id=f"pod.{t.pod}",
-                                payload={"consumer": t.consumer, "requeued": out.requeued,
-                                         "dead_lettered": out.dead_lettered})
-            for entry_id in (i for i in out.dead_lettered if i in poison_ids):
-                emit_recovery_event(action="poison-dead-lettered", resource_id=f"entry.{entry_id}",
-                                    payload={"pod": t.pod, "cause": out.root_cause})
-
-        # replace the pod
-        replaced = False
-        if t.replace_pod and replace_pod:
-            state = view.pods.get(t.pod)
-            if state is not None and state.ready and not may_remove_worker(
-                ready_workers=view.ready_workers, min_healthy_workers=settings.min_healthy_workers
-            ):
-                out.pod_action = f"refused: would leave fewer than {settings.min_healthy_workers} Ready workers"
-            elif not acting:
-                out.pod_action = f"dry run: would {'evict' if evict else 'delete'} the pod"
-            else:
-                pod_verdict = guard_pod_deletion(settings=settings, pod=t.pod, dry_run=False)
-                if pod_verdict.refused:
-                    out.pod_action = pod_verdict.reason
-                else:
-                    before = sorted(view.pods)
-                    deleted = kube.delete_pod(settings=settings, pod=t.pod, evict=evict, dry_run=False)
-                    out.pod_action = deleted.detail
-                    emit_recovery_event(action="pod-deleted", resource_id=f"pod.{t.pod}",
-                                        payload={"evict": evict, "cause": t.cause})
-                    rep = kube.wait_for_replacement_ready(settings=settings, old_pod=t.pod, previous_pods=before,
-                                                          timeout_s=timeout_s)
-                    out.replacement = rep.new_pod
-                    replaced = rep.old_pod_gone
-                    live.extend(settings.consumer_for_pod(p) for p in [rep.new_pod] if p)
-            report.add("Done", f"- `{t.pod}`: pod {out.pod_action}"
-                       + (f"; replacement `{out.replacement}` Ready" if out.replacement else ""))
-
-        # remove the consumer once empty (only when its pod is gone: a restarting pod re-creates it anyway)
-        if acting and (not t.pod_exists or replaced):
-            cleanup = queue.delete_empty_consumers_task(settings=settings, consumers=[t.consumer], min_idle_ms=0,
-                                                        dry_run=False)
-            out.consumer_deleted = t.consumer in cleanup.deleted
-            report.add("Done", f"- consumer `{t.consumer}`: "
-                       + ("deleted (empty)" if out.consumer_deleted else f"kept ({cleanup.kept.get(t.consumer)})"))
-
-        # settle the runs it held
-        run_ids = sorted({e.run_id for e in entries if e.run_id})
-        if run_ids:
-            settled = settle_worker_runs(settings=settings, run_ids=run_ids, live_consumers=live, dry_run=not acting)
-            out.runs_failed, out.runs_retried = settled.failed, settled.retried
-            report.table("Done", settled.decisions, caption=f"Runs held by `{t.pod}` (stuck-runs policy)")
-            if settled.failed or settled.retried:
-                report.add("Done", f"- runs failed: {settled.failed or 'none'}; steps retried: {settled.retried or 'none'}")
-            for run_id in settled.failed:
-                emit_recovery_event(action="run-failed", resource_id=f"run.{run_id}", payload={"pod": t.pod})
-
-    # verify
-    if decision.targets:
-        result.verified = _verify(result=result, settings=settings, wait_s=verify_consuming_s if not dry_run else 0)
-        for key, value in result.verified.items():
-            report.add("Verified", f"- {key}: {value}")
-    else:
-        report.add("Verified", "Nothing was changed.")
-    report.outcome = _outcome(result)
-    result.report = report.publish(key=FLOW_NAME)
-    log.info("worker-crash-recovery: %s", report.outcome)
-    return result
+    title = f"Worker crash recovery: {pod or 'all crashed workers'}" + (" (dry run)" if dry_run else "")
+    with recording(CrashRecovery(flow=FLOW_NAME, title=title, dry_run=dry_run)) as result:
+        # observe: pods joined with consumers; each crashed consumer's pending list, read once
+        view = observe_workers(settings=settings)
+        result.note("observed", Table(caption="Worker pods and their consumers", rows=view.pod_rows()))
+        result.note("observed", Table(caption="Queue", rows=view.snapshot.summary_rows()))
+        decision = decide_crash(links=view.links, pod=pod, consumer_for_pod=settings.consumer_for_pod)
+        entries = {t.consumer: read_consumer_entries(settings=settings, consumer=t.consumer)
+                   for t in decision.targets if t.pending}
+        # decide (pure)
+        plans = plan_crash(decision=decision, pods=view.pods, entries=entries, max_deliveries=max_deliveries,
+                           poison_min_deliveries=poison_min_deliveries or settings.poison_min_deliveries,
+                           replace_pod=replace_pod, ready_workers=view.ready_workers,
+                           min_healthy_workers=settings.min_healthy_workers)
+        result.skipped = decision.skipped
+        result.note("decided", Table(caption="Crashed workers: recover their entries now", rows=[p.row() for p in plans])
+                    if plans else "No crashed worker: nothing to do.")
+        if decision.skipped:
+            result.note("decided", Table(caption="Left alone", rows=[s.model_dump() for s in decision.skipped]))
+        # act, then verify, one crashed worker at a time
+        ctx = WorkerRecovery(settings=settings, dry_run=dry_run, evict=evict, max_deliveries=max_deliveries,
+                             timeout_s=replacement_timeout_s or settings.replacement_timeout_s,
+                             live=live_consumers(view.links, besides=[t.pod for t in decision.targets]),
+                             known=sorted(view.pods))
+        for plan in plans:
+            out = _recover(result, plan, ctx)
+            if out is not None and not dry_run:
+                _verify(result, plan, out, ctx, wait_s=verify_consuming_s)
+    return conclude(result)
 
 
-def _verify(*, result: CrashRecoveryResult, settings, wait_s: float) -> dict[str, Any]:
-    """Each target's consumer holds nothing now; a worker is Ready; the replacement's consumer reads Redis."""
-    snap = queue.inspect_queue_task(settings=settings)
-    verified: dict[str, Any] = {}
-    for out in result.targets:
-        verified[f"`{out.consumer}` pending now"] = snap.pending_of(out.consumer)
-    ready = kube.ready_worker_count(settings=settings)
-    verified["Ready workers"] = ready
-    replacements = [o.replacement for o in result.targets if o.replacement]
-    if replacements:
-        consuming = _wait_consuming(settings=settings, consumers=[settings.consumer_for_pod(p) for p in replacements],
-                                    wait_s=wait_s)
-        verified["replacements consuming"] = consuming or "not seen reading Redis yet"
-    return verified
+def _recover(result: CrashRecovery, plan: CrashPlan, ctx: WorkerRecovery) -> CrashedWorker | None:
+    """Act for one crashed worker: entries (poison to the DLQ, the rest requeued), pod, consumer, runs.
+    Returns None when its entries were not taken (refused or failed): nothing else is done for it."""
+    t, s, dry = plan.target, ctx.settings, ctx.dry_run
+    out = CrashedWorker(pod=t.pod, consumer=t.consumer, cause=t.cause, root_cause=plan.root_cause,
+                        entries=len(plan.entries), poison=plan.moves.poison)
+    result.targets.append(out)
+    moved = result.perform(
+        "recover-entries", t.pod, dry_run=dry, count=lambda r: r.moved, detail=lambda r: r.summary(),
+        call=lambda: recover_worker_entries(settings=s, pod=t.pod, consumer=t.consumer, entries=plan.entries,
+                                            poison=plan.poison, reason=f"poison: crashed {t.pod} ({t.cause})",
+                                            max_deliveries=ctx.max_deliveries, dry_run=dry))
+    if moved is None:
+        return None
+    out.requeued, out.dead_lettered, out.poison = moved.requeued, moved.dead_lettered, moved.poison
+    if not dry:
+        emit_recovery_event(action="entries-recovered", resource_id=f"pod.{t.pod}", payload={
+            "consumer": t.consumer, "requeued": moved.requeued, "dead_lettered": moved.dead_lettered})
+        for entry_id in moved.poison:
+            emit_recovery_event(action="poison-dead-lettered", resource_id=f"entry.{entry_id}",
+                                payload={"pod": t.pod, "cause": plan.root_cause})
+    if plan.replace_refused:
+        result.act("delete-pod", t.pod, ActionStatus.REFUSED, detail=plan.replace_refused)
+    rep = None
+    if plan.replace:
+        deleted, rep = replace_pod(result, pod=t.pod, consumer=t.consumer, ctx=ctx, payload={"cause": t.cause})
+        out.pod_deleted, out.replacement = deleted and not dry, rep.new_pod if rep else None
+    if not dry and (not t.pod_exists or (rep is not None and rep.old_pod_gone)):  # a living pod re-creates it
+        out.consumer_deleted = remove_consumer(result, consumer=t.consumer, ctx=ctx)
+    settled = settle_runs(result, pod=t.pod, run_ids=plan.run_ids, ctx=ctx) if plan.run_ids else None
+    if settled is not None:
+        out.runs_failed, out.runs_retried = settled.failed, settled.retried
+    return out
 
 
-def _wait_consuming(*, settings, consumers: list[str], wait_s: float) -> list[str]:
-    """Poll the group until the given consumers appear (they read from Redis) or ``wait_s`` passes."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        snap = queue.inspect_queue(settings=settings)
-        seen = [c for c in consumers if snap.consumer(c) is not None]
-        if len(seen) == len(consumers) or time.monotonic() >= deadline:
-            return seen
-        time.sleep(0.2)  # poll
-
-
-def _outcome(result: CrashRecoveryResult) -> str:
-    if not result.targets:
-        return "nothing to do"
-    if result.dry_run:
-        return "dry run"
-    if all(o.refused for o in result.targets):
-        return "refused"
-    return "recovered"
+def _verify(result: CrashRecovery, plan: CrashPlan, out: CrashedWorker, ctx: WorkerRecovery, *, wait_s: float) -> None:
+    """The crashed consumer holds nothing; its pod's replacement is Ready and its consumer reads from Redis
+    (a pod that was already gone: a Ready worker is there to take the requeued entries)."""
+    s, pod = ctx.settings, out.pod
+    left = queue.inspect_queue_task(settings=s).pending_of(out.consumer)
+    result.check(CONSUMER_EMPTY, left == 0, f"{out.consumer} holds {left} entries", target=pod)
+    if out.pod_deleted:
+        result.check(REPLACEMENT_READY, out.replacement is not None, f"{out.replacement} Ready" if out.replacement
+                     else f"no new worker pod Ready within {ctx.timeout_s:g} s", target=pod)
+        if out.replacement:
+            reading, evidence = wait_consuming(settings=s, consumer=s.consumer_for_pod(out.replacement), wait_s=wait_s)
+            result.check(REPLACEMENT_READING, reading, evidence, target=pod)
+    elif not plan.target.pod_exists:
+        ready = kube.ready_worker_count(settings=s)
+        result.check(WORKERS_READY, ready >= max(1, s.min_healthy_workers), f"{ready} Ready worker pods", target=pod)

@@ -1,43 +1,60 @@
 """`worker-hang-recovery`: the runbook's "Worker Hung (Deadlock)", automated end to end.
 
-A hung worker is Running and Ready but does no work: its consumer holds pending entries and has not read for
-longer than a threshold, its CPU is near zero (metrics.k8s.io), and the queue lag grows across a few samples
-taken over a short window. For each such pod: delete or evict it (guarded: kill switch, never below
-`min_healthy_workers` Ready, the pod-deletion budget per hour, a per-pod cooldown), wait for the replacement
-to be Ready, requeue the entries it held at once, remove its consumer once empty, and verify the lag falls.
-A busy worker (CPU above the threshold, or reading recently) is never touched.
+observe: a few samples over a short window of the worker pods, their CPU (metrics.k8s.io) and the group's
+consumers and lag -> decide (pure, ``tasks.correlate.decide_hang``): a hung worker is Running and Ready but
+does no work — its consumer holds pending entries and has not read for longer than a threshold, its CPU is
+near zero, and the queue lag grows -> act, one hung pod at a time: never below `min_healthy_workers` Ready;
+delete or evict it (guarded: kill switch, per-pod cooldown, pod-deletion budget), wait for the replacement,
+requeue the entries it held at once, remove its consumer once empty, settle its runs -> verify, per replaced
+pod: a Ready replacement, the hung consumer holds nothing, the lag falls -> report. A busy worker (CPU above
+the threshold, or reading recently) is never touched. Acted but not verified ends the run Failed.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows._ui import describe_parameters
 from tasks import kube, queue
-from tasks.correlate import HangDecision, Sample, decide_hang, lag_falling
+from tasks.correlate import HangDecision, HangVerdict, Sample, decide_hang, lag_falling, removal_refused
 from tasks.events import emit_recovery_event
-from tasks.guard import may_remove_worker
-from tasks.recovery import guard_pod_deletion, read_consumer_entries, sample_workers, settle_worker_runs
-from tasks.report import Report
+from tasks.outcome import ActionStatus, RecoveryResult, Table
+from tasks.recovery import (
+    WorkerRecovery,
+    lag_samples,
+    read_consumer_entries,
+    recover_worker_entries,
+    remove_consumer,
+    replace_pod,
+    settle_runs,
+    take_samples,
+)
+from tasks.report import conclude, recording
 from tasks.settings import get_settings
 
 FLOW_NAME = "worker-hang-recovery"
+# what each replaced pod is verified by (check names)
+REPLACEMENT_READY = "Ready replacement"
+CONSUMER_EMPTY = "hung consumer's pending list empty"
+LAG_FALLING = "queue lag falls"
 
 
 def _run_name() -> str:
     return f"recover {flow_run.parameters.get('pod') or 'hung workers'}"
 
 
-class HangOutcome(BaseModel):
+class HungWorker(BaseModel):
+    """What happened to one hung worker (counts are previews in a dry run)."""
+
     pod: str
     consumer: str
-    refused: str | None = None
-    pod_action: str = "none"
+    evidence: str
+    entries: int = 0
+    pod_deleted: bool = False
     replacement: str | None = None
     requeued: int = 0
     dead_lettered: int = 0
@@ -45,23 +62,25 @@ class HangOutcome(BaseModel):
     runs_failed: list[str] = Field(default_factory=list)
 
 
-class HangRecoveryResult(BaseModel):
-    dry_run: bool
-    decision: HangDecision
-    outcomes: list[HangOutcome] = Field(default_factory=list)
+class HangRecovery(RecoveryResult):
+    """What a hang recovery run saw, decided, did and verified."""
+
+    decision: HangDecision | None = None
+    workers: list[HungWorker] = Field(default_factory=list)
     lag_after: list[int] = Field(default_factory=list)
     lag_falling: bool | None = None
-    report: str = ""
 
 
-def take_samples(*, settings, count: int, interval_s: float) -> list[Sample]:
-    """``count`` samples of pods, CPU and lag, ``interval_s`` apart (one task run each)."""
-    samples: list[Sample] = []
-    for i in range(count):
-        if i:
-            time.sleep(interval_s)
-        samples.append(sample_workers(settings=settings, at=time.monotonic()))
-    return samples
+def sample_rows(sample: Sample, *, consumer_for_pod: Any) -> list[dict[str, Any]]:
+    """Pure: the report's pod table of one sample (phase, readiness, CPU, what its consumer holds)."""
+    consumers = {c.name: c for c in sample.consumers}
+    rows = []
+    for p in sample.pods:
+        c = consumers.get(consumer_for_pod(p.name))
+        rows.append({"pod": p.name, "phase": p.phase, "ready": p.ready,
+                     "cpu m": "-" if p.cpu_millicores is None else f"{p.cpu_millicores:g}",
+                     "pending": c.pending if c else 0, "idle ms": c.idle_ms if c else "-"})
+    return rows
 
 
 @flow(name=FLOW_NAME, flow_run_name=_run_name)
@@ -89,124 +108,77 @@ def worker_hang_recovery(
     max_deliveries: Annotated[int, Field(ge=1, le=100, description="Dead-letter entries delivered this often.")] = 3,
     verify_samples: Annotated[int, Field(ge=1, le=30, description="Lag samples taken after the recovery.")] = 3,
     verify_interval_s: Annotated[float, Field(ge=0, le=300, description="Seconds between verification samples.")] = 5.0,
-) -> HangRecoveryResult:
+) -> HangRecovery:
     """Replace hung workers (Ready, idle entries, CPU ~0, lag growing) and recover what they held."""
     settings = get_settings()
-    log = get_run_logger()
     idle = settings.hang_min_idle_ms if min_idle_ms is None else min_idle_ms
     cpu_max = settings.hung_cpu_millicores if max_cpu_millicores is None else max_cpu_millicores
-    timeout_s = replacement_timeout_s or settings.replacement_timeout_s
-    report = Report(title=f"Worker hang recovery: {pod or 'all workers'}" + (" (dry run)" if dry_run else ""))
-
-    # observe
-    series = take_samples(settings=settings, count=samples, interval_s=sample_interval_s)
-    last = series[-1]
-    pending = {c.name: c for c in last.consumers}
-    report.table("Observed", [
-        {"pod": p.name, "phase": p.phase, "ready": p.ready, "cpu m": p.cpu_millicores,
-         "pending": getattr(pending.get(settings.consumer_for_pod(p.name)), "pending", 0),
-         "idle ms": getattr(pending.get(settings.consumer_for_pod(p.name)), "idle_ms", "-")}
-        for p in last.pods
-    ], caption=f"Worker pods (last of {len(series)} samples)")
-    report.add("Observed", f"Queue lag across samples: {[s.lag for s in series]}")
-
-    # decide
-    decision = decide_hang(samples=series, consumer_for_pod=settings.consumer_for_pod, pod=pod, min_idle_ms=idle,
-                           max_cpu_millicores=cpu_max, require_lag_growth=require_lag_growth)
-    result = HangRecoveryResult(dry_run=dry_run, decision=decision)
-    report.table("Decided", [{"pod": v.pod, "hung": v.hung, "reason": v.reason} for v in decision.verdicts],
-                 caption=f"Hang verdicts (idle >= {idle} ms, CPU <= {cpu_max:g}m, lag growing required: "
-                         f"{require_lag_growth})")
-
-    # act, one hung pod at a time (each waits for its replacement before the next is taken)
-    for v in decision.hung:
-        out = HangOutcome(pod=v.pod, consumer=v.consumer)
-        result.outcomes.append(out)
-        ready = kube.ready_worker_count(settings=settings)
-        if not may_remove_worker(ready_workers=ready, min_healthy_workers=settings.min_healthy_workers):
-            out.refused = (f"refused: {ready} Ready worker(s); removing `{v.pod}` would go below "
-                           f"min_healthy_workers={settings.min_healthy_workers}")
-        else:
-            verdict = guard_pod_deletion(settings=settings, pod=v.pod, dry_run=dry_run)
-            if verdict.refused:
-                out.refused = verdict.reason
-        if out.refused:
-            if not out.refused.startswith("dry run"):
-                report.add("Done", f"- `{v.pod}`: {out.refused}")
-            else:
-                preview = queue.recover_consumers_task(settings=settings, consumers=[v.consumer],
-                                                       max_deliveries=max_deliveries, dry_run=True)
-                report.add("Done", f"- `{v.pod}`: dry run: would {'evict' if evict else 'delete'} the pod, wait for "
-                           f"its replacement, requeue {preview.decided.get('requeue', 0)} entries, dead-letter "
-                           f"{preview.decided.get('dead_letter', 0)}, remove consumer `{v.consumer}`")
-            continue
-        entries = read_consumer_entries(settings=settings, consumer=v.consumer)
-        before = [p.name for p in last.pods]
-        deleted = kube.delete_pod(settings=settings, pod=v.pod, evict=evict, dry_run=False)
-        out.pod_action = deleted.detail
-        emit_recovery_event(action="pod-deleted", resource_id=f"pod.{v.pod}",
-                            payload={"evict": evict, "cause": "hung", "evidence": v.reason})
-        rep = kube.wait_for_replacement_ready(settings=settings, old_pod=v.pod, previous_pods=before,
-                                              timeout_s=timeout_s)
-        out.replacement = rep.new_pod
-        recovery = queue.recover_consumers_task(settings=settings, consumers=[v.consumer],
-                                                max_deliveries=max_deliveries, dry_run=False)
-        out.requeued = recovery.done.get("requeued", 0)
-        out.dead_lettered = recovery.done.get("dead_lettered", 0)
-        emit_recovery_event(action="entries-recovered", resource_id=f"pod.{v.pod}",
-                            payload={"consumer": v.consumer, "requeued": out.requeued,
-                                     "dead_lettered": out.dead_lettered})
-        cleanup = queue.delete_empty_consumers_task(settings=settings, consumers=[v.consumer], min_idle_ms=0,
-                                                    dry_run=False)
-        out.consumer_deleted = v.consumer in cleanup.deleted
-        run_ids = sorted({e.run_id for e in entries if e.run_id})
-        if run_ids:
-            live = [settings.consumer_for_pod(p.name) for p in last.pods if p.name != v.pod]
-            live += [settings.consumer_for_pod(rep.new_pod)] if rep.new_pod else []
-            settled = settle_worker_runs(settings=settings, run_ids=run_ids, live_consumers=live, dry_run=False)
-            out.runs_failed = settled.failed
-            report.table("Done", settled.decisions, caption=f"Runs held by `{v.pod}` (stuck-runs policy)")
-        report.add("Done", f"- `{v.pod}`: pod {out.pod_action}; replacement "
-                   + (f"`{rep.new_pod}` Ready after {rep.seconds:.1f}s" if rep.ready else f"not Ready within {timeout_s:g}s")
-                   + f"; {out.requeued} entries requeued, {out.dead_lettered} dead-lettered; consumer `{v.consumer}` "
-                   + ("deleted" if out.consumer_deleted else f"kept ({cleanup.kept.get(v.consumer)})"))
-    if not decision.hung:
-        report.add("Done", "No hung worker: nothing changed.")
-
-    # verify
-    acted = [o for o in result.outcomes if not o.refused]
-    if acted:
-        lags: list[int] = []
-        for i in range(verify_samples):
-            if i:
-                time.sleep(verify_interval_s)
-            lags.append(int(queue.inspect_queue_task(settings=settings).lag or 0))
-        result.lag_after = lags
-        result.lag_falling = lag_falling([decision.lag_series[-1], *lags])
-        snap = queue.inspect_queue_task(settings=settings)
-        report.add("Verified", f"- lag before {decision.lag_series[-1]}, after {lags}: "
-                   + ("falling" if result.lag_falling else "NOT falling yet"))
-        for o in acted:
-            report.add("Verified", f"- `{o.consumer}` pending now: {snap.pending_of(o.consumer)}; "
-                       f"replacement: {o.replacement or 'none Ready'}")
-    else:
-        report.add("Verified", "Nothing was changed.")
-    report.outcome = _outcome(result)
-    result.report = report.publish(key=FLOW_NAME)
-    log.info("worker-hang-recovery: %s", report.outcome)
-    return result
+    title = f"Worker hang recovery: {pod or 'all workers'}" + (" (dry run)" if dry_run else "")
+    with recording(HangRecovery(flow=FLOW_NAME, title=title, dry_run=dry_run)) as result:
+        # observe
+        series = take_samples(settings=settings, count=samples, interval_s=sample_interval_s)
+        last = series[-1]
+        result.note("observed", Table(caption=f"Worker pods (last of {len(series)} samples)",
+                                      rows=sample_rows(last, consumer_for_pod=settings.consumer_for_pod)))
+        result.note("observed", f"Queue lag across the samples: {', '.join(str(s.lag) for s in series)}")
+        # decide (pure)
+        decision = result.decision = decide_hang(
+            samples=series, consumer_for_pod=settings.consumer_for_pod, pod=pod, min_idle_ms=idle,
+            max_cpu_millicores=cpu_max, require_lag_growth=require_lag_growth)
+        result.note("decided", Table(
+            caption=f"Hang verdicts (idle >= {idle} ms, CPU <= {cpu_max:g}m, lag growth required: {require_lag_growth})",
+            rows=[{"pod": v.pod, "hung": v.hung, "reason": v.reason} for v in decision.verdicts]))
+        # act, one hung pod at a time (each waits for its replacement before the next is taken)
+        ctx = WorkerRecovery(settings=settings, dry_run=dry_run, evict=evict, max_deliveries=max_deliveries,
+                             timeout_s=replacement_timeout_s or settings.replacement_timeout_s,
+                             known=[p.name for p in last.pods],
+                             live=[settings.consumer_for_pod(p.name) for p in last.pods if p.serving])
+        for verdict in decision.hung:
+            _replace(result, verdict, ctx)
+        # verify, per replaced pod: a Ready replacement, its consumer empty, the lag falling
+        replaced = [w for w in result.workers if w.pod_deleted]
+        if replaced:
+            result.lag_after = lag_samples(settings=settings, count=verify_samples, interval_s=verify_interval_s)
+            result.lag_falling = lag_falling([decision.lag_series[-1], *result.lag_after])
+            snap = queue.inspect_queue_task(settings=settings)
+            lags = f"lag before {decision.lag_series[-1]}, after {', '.join(map(str, result.lag_after))}"
+            for w in replaced:
+                result.check(REPLACEMENT_READY, w.replacement is not None, f"{w.replacement} Ready"
+                             if w.replacement else f"none Ready within {ctx.timeout_s:g} s", target=w.pod)
+                left = snap.pending_of(w.consumer)
+                result.check(CONSUMER_EMPTY, left == 0, f"{w.consumer} holds {left} entries", target=w.pod)
+                result.check(LAG_FALLING, bool(result.lag_falling), lags, target=w.pod)
+    return conclude(result)
 
 
-def _outcome(result: HangRecoveryResult) -> str:
-    if not result.decision.hung:
-        return "no hung worker"
-    if result.dry_run:
-        return "dry run"
-    done = [o for o in result.outcomes if not o.refused]
-    if not done:
-        return "refused"
-    return "recovered" + ("" if result.lag_falling else " (lag not falling yet)")
-
-
-def outcome_rows(result: HangRecoveryResult) -> list[dict[str, Any]]:
-    return [o.model_dump() for o in result.outcomes]
+def _replace(result: HangRecovery, v: HangVerdict, ctx: WorkerRecovery) -> None:
+    """Act for one hung worker: the pod (never below the minimum Ready), its entries, its consumer, its runs."""
+    s, dry = ctx.settings, ctx.dry_run
+    w = HungWorker(pod=v.pod, consumer=v.consumer, evidence=v.reason)
+    result.workers.append(w)
+    refused = removal_refused(pod=v.pod, ready_workers=kube.ready_worker_count(settings=s),
+                              min_healthy_workers=s.min_healthy_workers)
+    if refused:
+        result.act("delete-pod", v.pod, ActionStatus.REFUSED, detail=refused)
+        return
+    entries = read_consumer_entries(settings=s, consumer=v.consumer)
+    w.entries = len(entries)
+    deleted, rep = replace_pod(result, pod=v.pod, consumer=v.consumer, ctx=ctx,
+                               payload={"cause": "hung", "evidence": v.reason})
+    if not deleted:
+        return
+    w.pod_deleted, w.replacement = not dry, rep.new_pod if rep else None
+    moved = result.perform(
+        "recover-entries", v.pod, dry_run=dry, count=lambda r: r.moved, detail=lambda r: r.summary(),
+        call=lambda: recover_worker_entries(settings=s, pod=v.pod, consumer=v.consumer, entries=entries, poison=[],
+                                            reason="hung worker replaced", max_deliveries=ctx.max_deliveries,
+                                            dry_run=dry))
+    if moved is None or dry:
+        return
+    w.requeued, w.dead_lettered = moved.requeued, moved.dead_lettered
+    emit_recovery_event(action="entries-recovered", resource_id=f"pod.{v.pod}", payload={
+        "consumer": v.consumer, "requeued": moved.requeued, "dead_lettered": moved.dead_lettered})
+    w.consumer_deleted = remove_consumer(result, consumer=v.consumer, ctx=ctx)
+    run_ids = sorted({e.run_id for e in entries if e.run_id})
+    settled = settle_runs(result, pod=v.pod, run_ids=run_ids, ctx=ctx) if run_ids else None
+    w.runs_failed = settled.failed if settled else []

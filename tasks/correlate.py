@@ -4,56 +4,24 @@ A worker pod's name is its Redis consumer name (``Settings.consumer_for_pod``). 
 consumer group's view tells exactly which pending entries a crashed, gone or hung pod holds, so the recovery
 flows take those entries at once and never touch the entries of a healthy, busy worker.
 
-Everything here is plain functions over small pydantic models; the flows feed them from ``tasks.kube`` and
-``tasks.queue`` and unit tests feed them directly.
+Everything here is plain functions over the one model of each thing — a pod (``kube_diagnosis.PodInfo``), a
+consumer (``queue.ConsumerInfo``), a pending entry (``queue.PendingEntry``); the flows feed them from
+``tasks.kube`` / ``tasks.queue`` and unit tests feed them directly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal
 
 from pydantic import BaseModel, Field
 
-# Kubernetes diagnosis classifications that mean "this worker process keeps dying".
-CRASH_CLASSES = frozenset({"crash-looping", "oom-killed", "error", "failed"})
-# Classifications under which a pod is not a crash target and its entries belong to a working worker.
-HEALTHY_CLASSES = frozenset({"healthy"})
+from tasks.guard import may_remove_worker
+from tasks.kube_diagnosis import Classification, PodInfo
+from tasks.queue import ConsumerInfo, PendingEntry, SweepPolicy
+from tasks.queue import decide as decide_entry
 
-
-class PodState(BaseModel):
-    """What the recoveries need to know about one worker pod (fed from a Kubernetes diagnosis)."""
-
-    name: str
-    phase: str = "Running"
-    ready: bool = True
-    classification: str = "healthy"
-    restarts: int = 0
-    terminating: bool = False
-    cpu_millicores: float | None = None
-    last_reason: str | None = None
-    last_exit_code: int | None = None
-    summary: str = ""
-    log_tail: list[str] = Field(default_factory=list)
-
-
-class ConsumerState(BaseModel):
-    """One consumer of the group: how many entries it holds and how long since it talked to Redis."""
-
-    name: str
-    pending: int = 0
-    idle_ms: int = 0
-
-
-class PendingEntry(BaseModel):
-    """One entry of the group's pending list, with the run/step it carries when known."""
-
-    entry_id: str
-    consumer: str
-    idle_ms: int = 0
-    deliveries: int = 1
-    run_id: str | None = None
-    step_id: str | None = None
+#: classifications that mean "this worker process keeps dying"
+CRASH_CLASSES = frozenset({Classification.CRASH_LOOPING, Classification.OOM_KILLED, Classification.FAILED})
 
 
 class WorkerLink(BaseModel):
@@ -61,8 +29,8 @@ class WorkerLink(BaseModel):
 
     pod: str | None
     consumer: str
-    pod_state: PodState | None = None
-    consumer_state: ConsumerState | None = None
+    pod_state: PodInfo | None = None
+    consumer_state: ConsumerInfo | None = None
 
     @property
     def pod_exists(self) -> bool:
@@ -74,7 +42,7 @@ class WorkerLink(BaseModel):
 
 
 def correlate(
-    *, pods: Sequence[PodState], consumers: Sequence[ConsumerState], consumer_for_pod: Callable[[str], str]
+    *, pods: Sequence[PodInfo], consumers: Sequence[ConsumerInfo], consumer_for_pod: Callable[[str], str]
 ) -> list[WorkerLink]:
     """Join pods and consumers through the pod -> consumer mapping; pod-less consumers come last."""
     by_name = {c.name: c for c in consumers}
@@ -99,6 +67,13 @@ def pod_of_consumer(consumer: str, *, consumer_for_pod: Callable[[str], str]) ->
     return consumer
 
 
+def live_consumers(links: Iterable[WorkerLink], *, besides: Iterable[str] = ()) -> list[str]:
+    """Consumers of Ready, not terminating pods (the live workers), except the pods ``besides``."""
+    skip = set(besides)
+    return sorted(lnk.consumer for lnk in links
+                  if lnk.pod_state is not None and lnk.pod_state.serving and lnk.pod not in skip)
+
+
 # --------------------------------------------------------------------------------------------- crash
 
 
@@ -107,7 +82,7 @@ class CrashTarget(BaseModel):
 
     pod: str
     consumer: str
-    cause: Literal["crash-looping", "oom-killed", "error", "failed", "pod-gone"]
+    cause: Classification = Field(description="crash-looping, oom-killed, failed; gone: the consumer outlived its pod.")
     pod_exists: bool
     pending: int
     replace_pod: bool = Field(description="Delete the pod so its Deployment starts a fresh one.")
@@ -125,13 +100,15 @@ class CrashDecision(BaseModel):
     skipped: list[Skipped] = Field(default_factory=list)
 
 
-def _crash_cause(state: PodState) -> str | None:
+def crash_cause(state: PodInfo) -> Classification | None:
+    """Why this pod counts as crashed (its classification, a Failed phase, an OOM kill), or None."""
     if state.classification in CRASH_CLASSES:
         return state.classification
     if state.phase == "Failed":
-        return "failed"
-    if state.last_reason == "OOMKilled" and not state.ready:
-        return "oom-killed"
+        return Classification.FAILED
+    last = state.last_exit
+    if last is not None and last.reason == "OOMKilled" and not state.ready:
+        return Classification.OOM_KILLED
     return None
 
 
@@ -151,15 +128,15 @@ def decide_crash(*, links: Sequence[WorkerLink], pod: str | None, consumer_for_p
         if state is None:
             if link.pending > 0 or wanted is not None:
                 decision.targets.append(
-                    CrashTarget(pod=name, consumer=link.consumer, cause="pod-gone", pod_exists=False,
+                    CrashTarget(pod=name, consumer=link.consumer, cause=Classification.GONE, pod_exists=False,
                                 pending=link.pending, replace_pod=False)
                 )
             continue
-        cause = _crash_cause(state)
+        cause = crash_cause(state)
         if cause is None:
             if wanted is not None:
                 why = "healthy and Ready: not crashed, its entries are left to it" if state.ready else (
-                    f"not crashed ({state.classification}): left alone")
+                    f"not crashed ({state.classification or 'unclassified'}): left alone")
                 decision.skipped.append(Skipped(pod=name, reason=why))
             continue
         decision.targets.append(
@@ -179,41 +156,142 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 def poison_entries(
     entries: Iterable[PendingEntry], *, consumer: str, min_deliveries: int = 2, log_lines: Sequence[str] = ()
 ) -> list[PendingEntry]:
-    """The poison among a crashed consumer's entries: delivered ``min_deliveries`` times or more, and the one
-    that killed it.
+    """The poison among a crashed consumer's entries: delivered ``min_deliveries`` times or more (all copies),
+    and the one that killed it.
 
     Delivery counts alone cannot tell the poison from its batch-mates (a worker takes entries in batches, and
     the batch that crashed one worker crashes the next together), so among the suspects: those the crash log
     names (entry id or step id), else the oldest one — the entry a worker working in id order was on when it
     died. The other suspects are requeued; the usual ``max_deliveries`` still dead-letters a repeat offender.
     """
-    suspects = sorted((e for e in entries if e.consumer == consumer and e.deliveries >= min_deliveries),
+    suspects = sorted((e for e in entries if e.consumer == consumer and e.total_deliveries >= min_deliveries),
                       key=lambda e: _id_key(e.entry_id))
     if not suspects:
         return []
     text = "\n".join(log_lines)
-    named = [e for e in suspects if e.entry_id in text or (e.step_id and e.step_id in text)]
+    named = [e for e in suspects if e.entry_id in text or any(s and s in text for s in (e.step_id, e.job_id))]
     return named or suspects[:1]
 
 
-def root_cause(*, cause: str, state: PodState | None, poison: Sequence[PendingEntry]) -> str:
+def root_cause(*, cause: Classification, state: PodInfo | None, poison: Sequence[PendingEntry]) -> str:
     """One line an SRE can act on: OOM vs error exit vs poison entry vs pod gone, with the evidence."""
     parts: list[str] = []
     if poison:
-        ids = ", ".join(e.entry_id + (f" step {e.step_id}" if e.step_id else "") for e in poison[:5])
+        ids = ", ".join(e.entry_id + (f" step {e.step_id or e.job_id}" if e.step_id or e.job_id else "")
+                        for e in poison[:5])
         named = state is not None and any(e.entry_id in "\n".join(state.log_tail) for e in poison)
-        parts.append(f"poison entry suspected ({ids}; delivered >= {min(e.deliveries for e in poison)} times"
+        parts.append(f"poison entry suspected ({ids}; delivered >= {min(e.total_deliveries for e in poison)} times"
                      + ("; named in the crash log" if named else "") + ")")
-    if cause == "oom-killed" or (state and state.last_reason == "OOMKilled"):
+    last = state.last_exit if state is not None else None
+    if cause is Classification.OOM_KILLED or (last is not None and last.reason == "OOMKilled"):
         parts.append("out of memory (OOMKilled, exit 137): raise the memory limit or find the oversized step")
-    elif cause == "pod-gone":
+    elif cause is Classification.GONE:
         parts.append("the pod is gone while its consumer still held entries (node loss, eviction or kill)")
     elif state is not None:
-        code = state.last_exit_code
+        code = last.exit_code if last is not None else None
         line = next((ln for ln in reversed(state.log_tail) if ln.strip()), "")
         parts.append(f"process error exit{f' (code {code})' if code is not None else ''}"
                      + (f": `{line.strip()[:200]}`" if line else ""))
     return "; ".join(parts) or "unknown"
+
+
+class EntryMoves(BaseModel):
+    """Where a dead consumer's entries go: the poison and repeat offenders to the DLQ, the rest requeued at once,
+    entries whose stream entry is gone acknowledged (orphans)."""
+
+    poison: list[str] = Field(default_factory=list)
+    requeue: list[str] = Field(default_factory=list)
+    dead_letter: list[str] = Field(default_factory=list)
+    orphan: list[str] = Field(default_factory=list)
+
+    @property
+    def dead_lettered(self) -> list[str]:
+        return self.poison + self.dead_letter
+
+
+def plan_moves(entries: Iterable[PendingEntry], *, consumer: str, poison: Iterable[PendingEntry],
+               max_deliveries: int) -> EntryMoves:
+    """Pure: what recovering a dead ``consumer``'s entries does to each (the queue sweep's own rule, owner dead)."""
+    moves = EntryMoves(poison=[e.entry_id for e in poison])
+    policy = SweepPolicy(min_idle_ms=0, max_deliveries=max_deliveries, dead_consumers=[consumer])
+    for e in entries:
+        if e.entry_id in moves.poison or e.consumer != consumer:
+            continue
+        action = decide_entry(e, policy).action
+        {"dead_letter": moves.dead_letter, "orphan": moves.orphan}.get(action, moves.requeue).append(e.entry_id)
+    return moves
+
+
+class CrashPlan(BaseModel):
+    """What recovering one crashed worker will do, decided from what was observed (its entries read once)."""
+
+    target: CrashTarget
+    entries: list[PendingEntry] = Field(default_factory=list)
+    poison: list[PendingEntry] = Field(default_factory=list)
+    moves: EntryMoves = Field(default_factory=EntryMoves)
+    replace: bool = Field(False, description="Delete (or evict) the pod so its Deployment starts a fresh one.")
+    replace_refused: str | None = Field(None, description="Why the pod is not replaced though it should be.")
+    root_cause: str = ""
+
+    @property
+    def run_ids(self) -> list[str]:
+        return sorted({e.run_id for e in self.entries if e.run_id})
+
+    def row(self) -> dict[str, object]:
+        """One row of the report's decision table."""
+        pod_action = ("replace" if self.replace else self.replace_refused
+                      or ("none (pod gone)" if not self.target.pod_exists else "none"))
+        return {"pod": self.target.pod, "cause": self.target.cause.value, "entries": len(self.entries),
+                "requeue": len(self.moves.requeue), "dead-letter": len(self.moves.dead_lettered),
+                "poison": ", ".join(self.moves.poison), "pod action": pod_action, "likely root cause": self.root_cause}
+
+
+def plan_crash(
+    *,
+    decision: CrashDecision,
+    pods: Mapping[str, PodInfo],
+    entries: Mapping[str, Sequence[PendingEntry]],
+    poison_min_deliveries: int,
+    max_deliveries: int,
+    replace_pod: bool,
+    ready_workers: int,
+    min_healthy_workers: int,
+) -> list[CrashPlan]:
+    """Pure: for each crashed worker, its poison (not for a pod that is merely gone: no process died on it),
+    where each entry goes, whether its pod is replaced (never below ``min_healthy_workers`` Ready), the root cause."""
+    plans: list[CrashPlan] = []
+    ready = ready_workers
+    for t in decision.targets:
+        held = list(entries.get(t.consumer, ()))
+        state = pods.get(t.pod)
+        poison = [] if t.cause is Classification.GONE else poison_entries(
+            held, consumer=t.consumer, min_deliveries=poison_min_deliveries, log_lines=state.log_tail if state else ())
+        plan = CrashPlan(target=t, entries=held, poison=poison,
+                         moves=plan_moves(held, consumer=t.consumer, poison=poison, max_deliveries=max_deliveries),
+                         root_cause=root_cause(cause=t.cause, state=state, poison=poison))
+        if t.replace_pod and replace_pod:
+            serving = state is not None and state.serving
+            if serving and not may_remove_worker(ready_workers=ready, min_healthy_workers=min_healthy_workers):
+                plan.replace_refused = f"refused: would leave fewer than {min_healthy_workers} Ready workers"
+            else:
+                plan.replace = True
+                ready -= 1 if serving else 0
+        plans.append(plan)
+    return plans
+
+
+def removal_refused(*, pod: str, ready_workers: int, min_healthy_workers: int) -> str | None:
+    """Pure safety rule: why removing Ready ``pod`` now is refused (it would go below the minimum), or None."""
+    if may_remove_worker(ready_workers=ready_workers, min_healthy_workers=min_healthy_workers):
+        return None
+    return (f"{ready_workers} Ready worker(s); removing `{pod}` would go below "
+            f"min_healthy_workers={min_healthy_workers}")
+
+
+def consumer_reading(*, seen: bool, lag: int) -> bool:
+    """A replacement's consumer counts as reading once it appears in the group; with nothing waiting (lag 0) it
+    cannot appear yet (Redis 7.0 creates a consumer only when it first receives an entry), which is fine."""
+    return seen or lag == 0
 
 
 # ---------------------------------------------------------------------------------------------- hang
@@ -224,8 +302,8 @@ class Sample(BaseModel):
 
     at: float
     lag: int
-    pods: list[PodState]
-    consumers: list[ConsumerState]
+    pods: list[PodInfo]
+    consumers: list[ConsumerInfo]
 
 
 class HangVerdict(BaseModel):
@@ -284,7 +362,7 @@ def decide_hang(
         verdict = _hang_verdict(name, consumer, samples, min_idle_ms, max_cpu_millicores)
         if verdict.hung and require_lag_growth and not growing:
             verdict.hung = False
-            verdict.reason = f"looks stuck but queue lag is not growing ({series}): left alone"
+            verdict.reason = f"looks stuck but queue lag is not growing ({', '.join(map(str, series))}): left alone"
         decision.verdicts.append(verdict)
     if pod is not None and not names:
         decision.verdicts.append(HangVerdict(pod=pod, consumer=consumer_for_pod(pod), hung=False,
@@ -441,12 +519,3 @@ def plan_triage(
         steps.append(PlanStep(flow="stuck-runs-sweep", why=f"{obs.stuck_runs} runs stuck in `running`"))
     steps.append(PlanStep(flow="post-recovery-check", why="always: confirm the runbook's checklist"))
     return steps
-
-
-def entries_by_run(entries: Iterable[PendingEntry]) -> Mapping[str, list[str]]:
-    """run_id -> step ids carried by the given entries (entries without a run id are skipped)."""
-    out: dict[str, list[str]] = {}
-    for e in entries:
-        if e.run_id:
-            out.setdefault(e.run_id, []).append(e.step_id or "")
-    return out

@@ -33,7 +33,6 @@ from tasks.errors import RETRY, RecoveryError
 from tasks.guard import guarded, llm_failover_budget, pod_deletion_budget
 from tasks.kube_diagnosis import (
     Classification,
-    PodDiagnosis,
     PodEvent,
     PodInfo,
     classify,
@@ -65,7 +64,6 @@ __all__ = [
     "KubeTooManyRequests",
     "KubeUnavailable",
     "PodActionResult",
-    "PodDiagnosis",
     "PodInfo",
     "ReplacementResult",
     "RolloutRestartResult",
@@ -417,7 +415,7 @@ def _pod_logs(settings: Settings, pod: PodInfo, *, source: str, lines: int) -> t
 @kube_task("diagnose-pods")
 def diagnose_pods(
     *, settings: Settings, pods: list[str] | None = None, log_lines: int = 50
-) -> list[PodDiagnosis]:
+) -> list[PodInfo]:
     """Diagnose worker pods (all, or the named ones): one pod list + one metrics list, then events and
     logs only for pods that are not healthy. RBAC: pods list, pods/log get, events list, metrics pods list.
     """
@@ -429,7 +427,7 @@ def diagnose_pods(
         cpu = {}
     now = datetime.now(UTC)
     wanted = set(pods) if pods is not None else None
-    result: list[PodDiagnosis] = []
+    result: list[PodInfo] = []
     for raw in listing.items:
         info = pod_info(raw, container=settings.worker_container)
         if wanted is not None and info.name not in wanted:

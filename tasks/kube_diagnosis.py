@@ -59,7 +59,8 @@ class PodEvent(BaseModel):
 
 
 class PodInfo(BaseModel):
-    """A worker pod as one list call shows it: enough to classify it without further requests."""
+    """One worker pod, the one pod view every task and decision uses: its state as one list call shows it
+    and, once diagnosed (``diagnosis``), its classification, CPU, events and relevant log lines."""
 
     name: str
     uid: str | None = None
@@ -80,6 +81,14 @@ class PodInfo(BaseModel):
     deletion_grace_s: int | None = None
     node: str | None = None
     pod_ip: str | None = None
+    # filled by a diagnosis (``diagnosis``), or by a metrics read for ``cpu_millicores``
+    classification: Classification | None = Field(None, description="None until the pod is diagnosed.")
+    summary: str = ""
+    cpu_millicores: float | None = None
+    events: list[PodEvent] = Field(default_factory=list)
+    log_tail: list[str] = Field(default_factory=list)
+    log_source: str | None = Field(None, description="'previous' or 'current' container logs, if fetched.")
+    log_error: str | None = None
 
     @property
     def terminating(self) -> bool:
@@ -90,21 +99,14 @@ class PodInfo(BaseModel):
         """Ready and not on its way out: counts towards healthy capacity."""
         return self.ready and not self.terminating
 
-
-class PodDiagnosis(PodInfo):
-    """A pod's state plus the evidence gathered for it, its classification and a one-line summary."""
-
-    classification: Classification = Classification.HEALTHY
-    summary: str = ""
-    cpu_millicores: float | None = None
-    events: list[PodEvent] = Field(default_factory=list)
-    log_tail: list[str] = Field(default_factory=list)
-    log_source: str | None = Field(None, description="'previous' or 'current' container logs, if fetched.")
-    log_error: str | None = None
-
     @property
     def healthy(self) -> bool:
         return self.classification is Classification.HEALTHY
+
+    @property
+    def last_exit(self) -> Termination | None:
+        """How the worker container last ended: the previous instance, else the current one if it exited."""
+        return self.last_termination or self.current_termination
 
 
 # ---------------------------------------------------------------- API object -> model (pure)
@@ -227,7 +229,7 @@ def classify(
     recent_restart_s: float = 600.0,
 ) -> Classification:
     """The most specific thing wrong with ``pod`` (or healthy), from its state and CPU usage alone."""
-    last = pod.last_termination or pod.current_termination
+    last = pod.last_exit
     recent = bool(last and last.finished_at and now - last.finished_at <= timedelta(seconds=recent_restart_s))
     if pod.terminating:
         return Classification.TERMINATING
@@ -279,10 +281,10 @@ def _clip(text: str | None, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def summarize(d: PodDiagnosis) -> str:
+def summarize(d: PodInfo) -> str:
     """One line a person on call understands: what is wrong, the key evidence, the last log line."""
     c = d.classification
-    last = d.last_termination or d.current_termination
+    last = d.last_exit
     ended = f"exit {last.exit_code} ({last.reason or '?'}) at {_ts(last.finished_at)}" if last else "no exit"
     cpu = f", CPU {d.cpu_millicores:g}m" if d.cpu_millicores is not None else ""
     if c is Classification.HEALTHY:
@@ -327,26 +329,24 @@ def diagnosis(
     log_source: str | None = None,
     log_error: str | None = None,
     hung_cpu_millicores: float = 5.0,
-) -> PodDiagnosis:
-    """Assemble a full diagnosis (classification and summary included) from a pod and its evidence."""
-    d = PodDiagnosis(
-        **pod.model_dump(),
-        cpu_millicores=cpu_millicores,
-        events=events or [],
-        log_tail=log_tail or [],
-        log_source=log_source,
-        log_error=log_error,
-        classification=classify(
-            pod, cpu_millicores=cpu_millicores, now=now, hung_cpu_millicores=hung_cpu_millicores
-        ),
-    )
+) -> PodInfo:
+    """The pod with its evidence, classification and one-line summary filled in."""
+    d = pod.model_copy(update={
+        "cpu_millicores": cpu_millicores,
+        "events": events or [],
+        "log_tail": log_tail or [],
+        "log_source": log_source,
+        "log_error": log_error,
+        "classification": classify(pod, cpu_millicores=cpu_millicores, now=now,
+                                   hung_cpu_millicores=hung_cpu_millicores),
+    })
     d.summary = summarize(d)
     return d
 
 
-def gone(name: str) -> PodDiagnosis:
+def gone(name: str) -> PodInfo:
     """The diagnosis of a requested pod that does not exist (any more)."""
-    d = PodDiagnosis(name=name, classification=Classification.GONE)
+    d = PodInfo(name=name, classification=Classification.GONE)
     d.summary = summarize(d)
     return d
 
@@ -379,6 +379,59 @@ def relevant_log_lines(lines: list[str], *, limit: int = 20) -> list[str]:
     window = lines[-limit:]
     first_error = next((i for i, ln in enumerate(window) if _ERROR_LINE.search(ln)), 0)
     return window[first_error:]
+
+
+# ---------------------------------------------------------------- report rows (like `kubectl get/describe pods`)
+
+
+def status_column(d: PodInfo) -> str:
+    """The STATUS column `kubectl get pods` would show."""
+    if d.classification is Classification.GONE:
+        return "NotFound"
+    if d.terminating:
+        return "Terminating"
+    if d.waiting_reason:
+        return d.waiting_reason
+    if d.current_termination and d.current_termination.reason:
+        return d.current_termination.reason
+    return d.phase or "?"
+
+
+def last_termination_text(d: PodInfo) -> str:
+    t = d.last_termination
+    if t is None:
+        return ""
+    when = t.finished_at.strftime("%Y-%m-%d %H:%M:%SZ") if t.finished_at else "?"
+    return f"{t.reason or '?'} (exit {t.exit_code}) at {when}"
+
+
+def pod_rows(pods: Iterable[PodInfo]) -> list[dict[str, object]]:
+    """One row per pod, like `kubectl get pods` plus the diagnosis."""
+    return [
+        {
+            "pod": d.name,
+            "status": status_column(d),
+            "ready": "-" if d.classification is Classification.GONE else ("1/1" if d.ready else "0/1"),
+            "restarts": d.restart_count,
+            "CPU (m)": "" if d.cpu_millicores is None else f"{d.cpu_millicores:g}",
+            "classification": d.classification.value if d.classification else "",
+            "last termination": last_termination_text(d),
+        }
+        for d in pods
+    ]
+
+
+def event_rows(d: PodInfo) -> list[dict[str, object]]:
+    """A pod's recent events, like the Events section of `kubectl describe pod`."""
+    return [{"type": e.type or "", "reason": e.reason or "", "count": e.count,
+             "message": " ".join((e.message or "").split())} for e in d.events]
+
+
+def next_step_rows(pods: Iterable[PodInfo]) -> list[dict[str, object]]:
+    """For each pod that is not healthy: what to do next."""
+    return [{"pod": d.name, "classification": d.classification.value,
+             "next step": NEXT_STEP.get(d.classification, "")}
+            for d in pods if d.classification is not None and not d.healthy]
 
 
 # ---------------------------------------------------------------- replacements

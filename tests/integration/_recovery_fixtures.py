@@ -121,6 +121,28 @@ def queue_state(client: redis_lib.Redis, settings: Settings) -> dict:
     }
 
 
+def report_of(state, key: str) -> str:
+    """The keyed markdown report a flow run published (every run publishes one, failed runs too)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert len(artifacts) == 1, f"expected one `{key}` report for this flow run, found {len(artifacts)}"
+    return artifacts[0].data
+
+
+def result_of(state):
+    """The typed result a flow run returned, whether it ended Completed or Failed."""
+    return state.result(raise_on_failure=False)
+
+
+def cooldowns(client: redis_lib.Redis, settings: Settings) -> list[str]:
+    """Cooldown keys the guard holds (an action that took effect holds one; a failed one gave it back)."""
+    return sorted(client.scan_iter(match=f"{settings.state_prefix}:cooldown:*"))
+
+
 def deletions(cluster) -> list[str]:
     """Names of pods deleted or evicted through the API (recorded requests)."""
     return [r.name for r in cluster.requests
@@ -129,7 +151,9 @@ def deletions(cluster) -> list[str]:
 
 
 class ReplacementConsumer:
-    """Plays the FerrumDeck workers of NEW pods: reads `>` as each new Ready pod's consumer and ACKs."""
+    """Plays the FerrumDeck workers of NEW pods: reads `>` as each new Ready pod's consumer, completes each step
+    (its run too, if still running) in the runs database, then ACKs — a worker's order, so a step is never
+    acknowledged while still unfinished in the database."""
 
     def __init__(self, cluster, settings: Settings, *, known: list[str]):
         self.cluster, self.settings, self.known = cluster, settings, set(known)
@@ -154,6 +178,9 @@ class ReplacementConsumer:
                 got = self.client.xreadgroup(self.settings.group, self.settings.consumer_for_pod(pod),
                                              {self.settings.stream: ">"}, count=100)
                 for _, batch in got:
+                    for _, fields in batch:
+                        runs.record_step_finished(settings=self.settings, run_id=fields.get("run_id", ""),
+                                                  step_id=fields.get("step_id", ""))
                     if batch:
                         self.client.xack(self.settings.stream, self.settings.group, *[i for i, _ in batch])
                         self.acked += [f.get("job_id", "") for _, f in batch]

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from prefect.variables import Variable
 
-from tasks import gateway, kube, queue, runs
+from tasks import gateway, kube, queue, recovery, runs
 from tasks.connections import db_engine
 from tasks.errors import Refused
 from tasks.guard import GUARDED
@@ -67,6 +67,9 @@ CASES: dict[str, Callable[[Settings, bool], Any]] = {
     "fail-runs": lambda s, d: runs.fail_runs(settings=s, run_ids=["run_stuck"], cutoff=None, dry_run=d),
     "fail-stuck-runs": lambda s, d: runs.fail_stuck_runs(
         settings=s, cutoff=datetime.now(UTC), limit=10, dry_run=d),
+    "recover-worker-entries": lambda s, d: _fn(recovery.recover_worker_entries)(
+        settings=s, pod="w-dead", consumer="w-dead", entries=_dead_entries(s), poison=_dead_entries(s)[:1],
+        reason="poison", max_deliveries=3, dry_run=d),
     "retry-steps": lambda s, d: gateway.retry_steps(settings=s, targets=[("run_stuck", "st_stuck")], dry_run=d),
 }
 

@@ -8,6 +8,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from flows.diagnose_workers import diagnose_workers
 from tasks.kube import Classification
+from tasks.outcome import Outcome
 from tasks.settings import use_settings
 
 pytestmark = pytest.mark.usefixtures("record_kube_requests")
@@ -47,21 +48,24 @@ def test_diagnose_workers_reports_a_crash_loop_and_changes_nothing(kube_settings
 
     with use_settings(kube_settings):
         state = diagnose_workers(log_lines=20, return_state=True)
-    diagnoses = {d.name: d for d in state.result()}
+    result = state.result()
+    diagnoses = {d.name: d for d in result.pods}
 
+    assert state.is_completed() and result.outcome is Outcome.NOTHING_TO_DO  # read-only: it did nothing
+    assert result.actions == [] and result.checks == []
     assert diagnoses[crashing].classification is Classification.CRASH_LOOPING
     assert diagnoses[hung].classification is Classification.HUNG_SUSPECT
     assert diagnoses[healthy].classification is Classification.HEALTHY
+    assert [d.name for d in result.unhealthy] == sorted([crashing, hung]) and result.missing == []
+    assert diagnoses[crashing].log_tail[-1] == "ConnectionError: redis" and diagnoses[crashing].log_source == "previous"
+    # the report a person reads: the pod table, the crashed pod's relevant log lines, the next steps
     md = report_of(state.state_details.flow_run_id)
-    for section in ("## Observed", "## Decided", "## Done", "## Verified"):
-        assert section in md
     assert "| pod | status | ready | restarts | CPU (m) | classification | last termination |" in md
     row = next(line for line in md.splitlines() if line.startswith(f"| {crashing} |"))
     assert "crash-looping" in row and "Error (exit 1)" in row and "0/1" in row
-    assert f"| {hung} | Running | 1/1 |" in md and "hung-suspect" in md
-    assert "ConnectionError: redis" in md and "Previous container logs" in md
+    assert f"| {hung} | Running | 1/1 |" in md
+    assert "| ConnectionError: redis |" in md and "| step s-9 started |" not in md  # from the traceback on
     assert "worker-crash-recovery" in md and "worker-hang-recovery" in md  # next steps
-    assert "Outcome: **2 pod(s) need attention**" in md
     # read-only: nothing but GETs, and the workers are as they were
     assert [r for r in cluster.requests if r.method != "GET"] == []
     assert names(cluster) == [crashing, hung, healthy]
@@ -73,12 +77,13 @@ def test_diagnose_workers_all_healthy_and_missing_pod(kube_settings, cluster):
     with use_settings(kube_settings):
         state = diagnose_workers(pods=[pods[0], "worker-gone-00000"], return_state=True)
     result = state.result()
-    assert [(d.name, d.classification) for d in result] == [
+    assert [(d.name, d.classification) for d in result.pods] == [
         (pods[0], Classification.HEALTHY),
         ("worker-gone-00000", Classification.GONE),
     ]
+    assert result.missing == ["worker-gone-00000"] and result.outcome is Outcome.NOTHING_TO_DO
     md = report_of(state.state_details.flow_run_id)
-    assert "not found: worker-gone-00000" in md and "| worker-gone-00000 | NotFound |" in md
+    assert "Not found: worker-gone-00000" in md and "| worker-gone-00000 | NotFound |" in md
     # a healthy pod costs no event or log reads
     assert not [r for r in cluster.requests if r.resource == "events" or r.subresource == "log"]
 

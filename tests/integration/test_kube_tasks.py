@@ -26,8 +26,13 @@ MODEL = "LITELLM_MODEL"
 
 @pytest.fixture
 def ks(kube_settings):
-    """Settings pointing at the sandbox cluster (explicit kubeconfig path), Redis keys private to the test."""
-    return kube_settings.model_copy(update={"kube_timeout_s": 5.0})
+    """Settings pointing at the sandbox cluster (explicit kubeconfig path), Redis keys private to the test.
+
+    These tests are about the Kubernetes calls themselves (idempotence, retries, requests): the guard around
+    the mutators is open wide (no cooldown, roomy budgets); tests/integration/test_guard.py tests the guard.
+    """
+    return kube_settings.model_copy(update={"kube_timeout_s": 5.0, "target_cooldown_s": 0,
+                                            "pod_deletions_per_hour": 100, "failovers_per_15_min": 100})
 
 
 def api_requests(cluster, *, verb=None, resource=None, subresource=None, start=0):

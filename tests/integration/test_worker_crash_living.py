@@ -11,10 +11,11 @@ import pytest
 import sqlalchemy as sa
 
 from flows.post_recovery_check import post_recovery_check
-from flows.worker_crash import worker_crash_recovery
+from flows.worker_crash import CONSUMER_EMPTY, REPLACEMENT_READING, REPLACEMENT_READY, worker_crash_recovery
 from sandbox.services import SandboxServices
 from tasks import runs
 from tasks.connections import db_engine
+from tasks.outcome import Outcome
 from tasks.settings import use_settings
 from tests.integration import _recovery_fixtures as fx
 from tests.integration._recovery_fixtures import deletions, run_status, worker_pods
@@ -47,13 +48,15 @@ def test_poison_crashes_two_workers_and_the_second_recovery_dead_letters_it(env,
             (poison,) = fd.poison(count=1)
             fd.start_load(rate_per_s=40)
             first = fx.wait_for(lambda: crashed(cluster, s, besides=set()), what="a worker to take the poison")
-            r1 = worker_crash_recovery(dry_run=False, verify_consuming_s=10)
-            assert [t.pod for t in r1.targets] == [first] and r1.targets[0].dead_lettered == []
-            assert r1.targets[0].replacement and "replacements consuming" in r1.verified
+            r1 = worker_crash_recovery(dry_run=False, verify_consuming_s=10, return_state=True).result()
+            assert [t.pod for t in r1.targets] == [first] and r1.targets[0].dead_lettered == 0
+            assert r1.outcome is Outcome.RECOVERED and r1.targets[0].replacement
+            assert {c.name for c in r1.checks if c.ok} == {CONSUMER_EMPTY, REPLACEMENT_READY, REPLACEMENT_READING}
             second = fx.wait_for(lambda: crashed(cluster, s, besides={first}), what="the poison's second victim")
-            r2 = worker_crash_recovery(dry_run=False, verify_consuming_s=10)
+            r2 = worker_crash_recovery(dry_run=False, verify_consuming_s=10, return_state=True).result()
             out = r2.targets[0]
-            assert out.pod == second and len(out.dead_lettered) == 1 and "poison entry suspected" in out.root_cause
+            assert r2.outcome is Outcome.RECOVERED
+            assert out.pod == second and len(out.poison) == 1 and "poison entry suspected" in out.root_cause
             fd.load.stop()
             fx.wait_for(lambda: set(statuses(s)) <= {"completed", "failed"}, timeout=30, what="every run finished")
         dlq = fd.redis.xrange(s.dlq_stream)

@@ -16,12 +16,15 @@ from tasks.kube_diagnosis import (
     classify,
     container_env,
     diagnosis,
+    event_rows,
     gone,
+    next_step_rows,
     parse_cpu_millicores,
     pick_replacement,
     pod_event,
     pod_info,
     pod_metrics_millicores,
+    pod_rows,
     relevant_log_lines,
     replacement_baseline,
     restart_patch,
@@ -434,3 +437,25 @@ def test_relevant_log_lines_start_at_the_last_traceback_or_first_error():
 
 def test_every_problem_has_a_next_step():
     assert set(NEXT_STEP) == set(Classification) - {Classification.HEALTHY}
+
+
+def test_one_pod_model_listed_then_diagnosed_and_its_report_rows():
+    listed = pod_info(
+        v1_pod(ready=False, restarts=3, waiting=("CrashLoopBackOff", "back-off"), last_terminated=crashed()),
+        container="worker",
+    )
+    assert listed.classification is None and not listed.healthy  # not diagnosed yet: no verdict
+    assert listed.last_exit == listed.last_termination
+    d = diagnosis(listed, cpu_millicores=None, now=NOW,
+                  events=[PodEvent(type="Warning", reason="BackOff", message="Back-off\n restarting", count=4)])
+    assert type(d) is PodInfo and d.classification is Classification.CRASH_LOOPING and d.name == listed.name
+    (row,) = pod_rows([d])
+    assert row == {"pod": d.name, "status": "CrashLoopBackOff", "ready": "0/1", "restarts": 3, "CPU (m)": "",
+                   "classification": "crash-looping", "last termination": "Error (exit 1) at 2026-11-27 20:59:00Z"}
+    assert event_rows(d) == [{"type": "Warning", "reason": "BackOff", "count": 4, "message": "Back-off restarting"}]
+    healthy = diagnosis(pod_info(v1_pod()), cpu_millicores=250.0, now=NOW)
+    assert next_step_rows([d, healthy, gone("w-x")]) == [
+        {"pod": d.name, "classification": "crash-looping", "next step": NEXT_STEP[Classification.CRASH_LOOPING]},
+        {"pod": "w-x", "classification": "gone", "next step": NEXT_STEP[Classification.GONE]},
+    ]
+    assert pod_rows([gone("w-x")])[0]["status"] == "NotFound"
