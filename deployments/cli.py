@@ -127,11 +127,51 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_demo)
 
 
+def _watch(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from deployments.watch import WatchError, WatchSettings, run_watch
+    from tasks.errors import RecoveryError
+    from tasks.settings import Settings
+
+    overrides = {k: v for k, v in {"poll_interval_s": args.poll_interval, "health_port": args.health_port,
+                                   "health_host": args.health_host}.items() if v is not None}
+    try:
+        run_watch(Settings(), WatchSettings(**overrides), log_level=args.log_level)
+    except ValidationError as e:  # the messages only: the input may hold a URL with a password
+        for error in e.errors(include_input=False, include_url=False):
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            print(f"fd-recovery watch: {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    except (WatchError, RecoveryError) as e:  # no Prefect API, no kubeconfig
+        print(f"fd-recovery watch: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_watch(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "watch",
+        help="run the direct watcher (Kubernetes watch of worker/MCP pods + consumer-group poll -> Prefect events)",
+        description="Watch the worker and MCP pods (CrashLoopBackOff, OOMKilled, Unschedulable, deleted while "
+        "holding entries) and poll the consumer group (hung consumer, lag growth); emit ferrumdeck.pod.* / "
+        "ferrumdeck.mcp.* / ferrumdeck.consumer.hung / ferrumdeck.queue.lag-growing events to PREFECT_API_URL. "
+        "Settings: FD_* (namespace, selectors, Redis, FD_HANG_MIN_IDLE_MS) and FD_WATCH_* (see README).",
+    )
+    p.add_argument("--poll-interval", type=float, default=None, help="seconds between consumer-group reads "
+                   "(default FD_WATCH_POLL_INTERVAL_S or 5)")
+    p.add_argument("--health-port", type=int, default=None, help="serve GET /healthz on this port "
+                   "(default FD_WATCH_HEALTH_PORT; unset: none)")
+    p.add_argument("--health-host", default=None, help="address of /healthz (default FD_WATCH_HEALTH_HOST or 127.0.0.1)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=_watch)
+
+
 # --- other subcommands -------------------------------------------------------------------------------
 # Each handler imports its own module lazily and returns an exit code.
 # ------------------------------------------------------------------------------------------------------
 
-_REGISTRARS = [_add_bridge, _add_sandbox, _add_serve, _add_demo]
+_REGISTRARS = [_add_bridge, _add_sandbox, _add_serve, _add_demo, _add_watch]
 _PASSED_ON = {"sandbox", "demo"}  # subcommands whose options their own module parses, verbatim
 
 

@@ -44,7 +44,7 @@ def _assert_matches_prefect_yaml(deployments: dict, automations: list) -> None:
         for key, value in (spec.get("parameters") or {}).items():
             assert d.parameters[key] == value
     triggers = sum(len(s.get("triggers", [])) for s in SPECS.values())
-    ours = [a for a in automations if "ferrumdeck.alert" in str(a.trigger)]
+    ours = [a for a in automations if "ferrumdeck." in str(a.trigger)]
     assert len(ours) == triggers
 
 
