@@ -3,10 +3,12 @@
     python -m bench.queue_sweep --entries 100000 [--flow]
 
 Both run in this process on fresh, identical copies of the data under a key prefix of their own (deleted
-afterwards): the project's task code (``tasks.queue.sweep_pending``: paged Lua scan + one atomic Lua step per
-batch) and the naive anchor (XAUTOCLAIM COUNT 1000, then XADD + XACK per entry in one MULTI per batch).
+afterwards): the project's task code (``tasks.queue.sweep_pending``: the guard's kill-switch check, then paged
+Lua scan + one atomic Lua step per batch) and the naive anchor (XAUTOCLAIM COUNT 1000, then XADD + XACK per
+entry in one MULTI per batch). The guard reads a Prefect Variable, so a Prefect API is reached once before
+the timings (a temporary local server when none is configured; its start-up is not timed, the check is).
 ``--flow`` also times the whole ``queue-sweep`` flow (under a temporary local Prefect server) on a third
-copy. The last line printed is one JSON object.
+copy, including its verification. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import redis
 
+from tasks.guard import kill_switch_engaged
 from tasks.queue import SweepPolicy, sweep_pending
 from tasks.settings import Settings
 
@@ -128,12 +131,16 @@ def run_flow(settings: Settings, *, batch_size: int) -> float:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.queue_sweep import queue_sweep
+    from tasks.outcome import Outcome
     from tasks.settings import use_settings
 
     with prefect_test_harness(server_startup_timeout=60), use_settings(settings):
         started = time.perf_counter()
-        queue_sweep(dead_consumers=[DEAD], batch_size=batch_size, max_entries=10_000_000, dry_run=False)
-        return time.perf_counter() - started
+        result = queue_sweep(dead_consumers=[DEAD], batch_size=batch_size, max_entries=10_000_000, dry_run=False)
+        elapsed = time.perf_counter() - started
+    if result.outcome is not Outcome.RECOVERED:
+        raise SystemExit(f"queue-sweep ended {result.outcome}: {result.cause()}")
+    return elapsed
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     client = redis.Redis.from_url(args.redis_url, decode_responses=True)
     out: dict[str, Any] = {"entries": args.entries, "batch_size": args.batch_size}
     try:
+        if kill_switch_engaged(settings=settings):  # reaches the Prefect API once (not timed)
+            raise SystemExit(f"the kill switch `{settings.kill_switch_variable}` is on: the sweep would be refused")
         poison = seed(client, settings, entries=args.entries)
         rss_before = rss_mb()
         reset_peak_rss()

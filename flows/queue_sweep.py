@@ -1,222 +1,189 @@
 """`queue-sweep`: the runbook's "Redis Queue Recovery" (XPENDING, reclaim after 5 minutes, DLQ after 3 failures).
 
-Observe the consumer group, page through its pending list, decide per entry (requeue / claim, dead-letter,
-acknowledge an orphan, or leave a live worker's entry alone), act in atomic batches, remove consumers that own
-nothing, observe again and publish the report `queue-sweep`.
+observe the consumer group -> decide per pending entry (requeue / claim, dead-letter, acknowledge an orphan, or
+leave a live worker's entry alone; ``tasks.queue.decide``) -> act in atomic batches through the guarded sweep
+task (each call re-checks the kill switch, so engaging it mid-sweep stops the remaining batches), then remove
+idle consumers that own nothing -> verify (a sample of the moved entries re-read in one round trip: gone from
+their old owner, their copies present; dead consumers empty; deleted consumers gone) -> report `queue-sweep`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field, ValidationError
+from prefect import flow
+from pydantic import Field, ValidationError
 
 from flows._ui import describe_parameters
+from tasks.errors import RecoveryError, Refused
 from tasks.events import emit_recovery_event
-from tasks.guard import refuse_if_paused
+from tasks.outcome import ActionStatus, RecoveryResult, Table
 from tasks.queue import (
     ConsumerCleanup,
     QueueError,
     QueueSnapshot,
     SweepPolicy,
     SweepResult,
+    consumers_to_delete,
     delete_empty_consumers_task,
     inspect_queue_task,
+    move_counts,
     outcome_rows,
+    pick_samples,
+    sweep_moves,
     sweep_pages_task,
+    verify_moves_task,
 )
-from tasks.report import Report
-from tasks.settings import get_settings
+from tasks.report import conclude, recording
+from tasks.settings import Settings, get_settings
 
-PAGES_PER_TASK = 10  # one task run handles up to 10 pages; the kill switch is re-checked between task runs
+FLOW_NAME = "queue-sweep"
+PAGES_PER_TASK = 10  # one guarded task call handles up to 10 pages; the kill switch is re-checked per call
+MOVE_CHECKS = {
+    "requeued": "requeued entries left their old owner; their copies are in the stream",
+    "dead_lettered": "dead-lettered entries left their old owner; they are in the DLQ",
+    "orphan_acked": "orphans are no longer pending",
+    "claimed": "claimed entries left their old owner",
+}
 
 
-class QueueSweepOutcome(BaseModel):
-    """What one `queue-sweep` run saw and did (also returned to a calling flow)."""
+class QueueSweep(RecoveryResult):
+    """What one `queue-sweep` run saw, moved and verified (also returned to a calling flow)."""
 
-    outcome: str
-    before: QueueSnapshot
-    after: QueueSnapshot
-    result: SweepResult
+    before: QueueSnapshot | None = None
+    after: QueueSnapshot | None = None
+    sweep: SweepResult | None = None
     cleanup: ConsumerCleanup | None = None
-    markdown: str = ""
 
 
 def build_policy(
-    *,
-    min_idle_ms: int,
-    max_deliveries: int,
-    dead_consumers: list[str] | None,
-    strategy: str,
-    claim_consumer: str,
+    *, min_idle_ms: int, max_deliveries: int, dead_consumers: list[str] | None, strategy: str, claim_consumer: str
 ) -> SweepPolicy:
     """Validate the sweep's parameters into a policy; a bad combination is a clear QueueError."""
     try:
-        return SweepPolicy(
-            min_idle_ms=min_idle_ms,
-            max_deliveries=max_deliveries,
-            dead_consumers=dead_consumers or [],
-            strategy=strategy,
-            claim_consumer=claim_consumer,
-        )
+        return SweepPolicy(min_idle_ms=min_idle_ms, max_deliveries=max_deliveries,
+                           dead_consumers=dead_consumers or [], strategy=strategy, claim_consumer=claim_consumer)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'parameters'}: {err['msg']}" for err in e.errors()
-        )
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'parameters'}: {err['msg']}" for err in e.errors())
         raise QueueError(f"invalid queue-sweep parameters: {problems}") from None
 
 
-@flow(
-    name="queue-sweep",
-    flow_run_name="queue-sweep {strategy} idle>={min_idle_ms}ms dry_run={dry_run}",
-    description=__doc__,
-)
+def policy_text(policy: SweepPolicy, max_entries: int) -> str:
+    """The sweep's rules in one sentence, for the report."""
+    dead = ", ".join(sorted(policy.dead_consumers)) or "none given"
+    return (f"Take entries idle >= {policy.min_idle_ms} ms or owned by a dead consumer ({dead}); dead-letter at "
+            f"{policy.max_deliveries} deliveries; strategy `{policy.strategy}`; at most {max_entries} moves.")
+
+
+def sweep_in_batches(
+    result: QueueSweep, *, settings: Settings, policy: SweepPolicy, batch_size: int, max_entries: int, dry_run: bool
+) -> SweepResult:
+    """Sweep the pending list, PAGES_PER_TASK pages per guarded task call; record one action per kind of move
+    (with its count), and a refusal or error that stopped the remaining batches (what moved stays done)."""
+    total = SweepResult(dry_run=dry_run, next_start="-")
+    stop: RecoveryError | None = None
+    while total.next_start is not None and stop is None:
+        moves = sum(n for k, n in total.decided.items() if k != "leave")
+        try:
+            total.merge(sweep_pages_task(settings=settings, policy=policy, start=total.next_start,
+                                         batch_size=batch_size, max_entries=max_entries - moves,
+                                         max_pages=PAGES_PER_TASK, dry_run=dry_run))
+        except RecoveryError as e:
+            stop = e
+    target = f"{settings.stream}/{settings.group}"
+    for kind, count in move_counts(total).items():
+        where = settings.dlq_stream if kind == "dead-letter" else target
+        result.act(kind, where, ActionStatus.DRY_RUN if dry_run else ActionStatus.DONE, count=count)
+    if stop is not None:
+        status = ActionStatus.REFUSED if isinstance(stop, Refused) else ActionStatus.FAILED
+        result.act("sweep-pending", f"{target} from {total.next_start}", status, detail=str(stop))
+    skipped = {k: n for k, n in total.done.items() if k.startswith("skipped")}
+    result.note("decided", Table(caption=f"Counts ({total.scanned} pending entries scanned)", rows=outcome_rows(total)))
+    if skipped:
+        result.note("decided", f"Skipped because a worker or another sweep got there first: {sum(skipped.values())}.")
+    if total.cap_reached:
+        result.note("decided", f"Cap reached: {max_entries} entries this run; the next run continues.")
+    result.note("decided", Table(caption="Sample of entries taken, and why",
+                                 rows=pick_samples(total.samples, per_kind=2, limit=10)))
+    return total
+
+
+def verify_sweep(result: QueueSweep, *, settings: Settings, policy: SweepPolicy) -> None:
+    """Record the checks: sampled moves re-read, dead consumers own nothing (sweep complete), deleted ones gone."""
+    sweep, after = result.sweep, result.after or result.before
+    if after is None:
+        return
+    if sweep is not None and sweep.moved:
+        found = {c.status: c for c in verify_moves_task(settings=settings, moves=sweep_moves(sweep.samples))}
+        for status, moved in sweep.done.items():
+            if status in MOVE_CHECKS and moved:
+                c = found.get(status)
+                evidence = f"{c.held}/{c.checked} sampled of {moved} re-read" if c else "no sampled entry to re-read"
+                if c and c.failures:
+                    evidence += "; " + "; ".join(c.failures)
+                result.check(MOVE_CHECKS[status], bool(c and c.ok), evidence, target=status)
+        if sweep.next_start is None and not sweep.cap_reached:
+            for name in sorted(policy.dead_consumers):
+                left = after.pending_of(name)
+                result.check("dead consumer owns nothing", left == 0, f"{name}: {left} pending", target=name)
+    if result.cleanup is not None:
+        deleted = result.cleanup.deleted
+        still = sorted(set(deleted) & {c.name for c in after.consumers})
+        result.check("deleted consumers are gone", not still,
+                     f"deleted: {', '.join(deleted) or 'none'}" + (f"; still there: {', '.join(still)}" if still else ""),
+                     target="consumers")
+
+
+@flow(name=FLOW_NAME, flow_run_name="queue-sweep {strategy} idle>={min_idle_ms}ms dry_run={dry_run}",
+      description=__doc__)
 @describe_parameters
 def queue_sweep(
-    min_idle_ms: Annotated[
-        int,
-        Field(
-            ge=0,
-            le=7 * 24 * 3_600_000,
-            description="Take entries idle at least this long (ms); runbook: 5 min.",
-        ),
-    ] = 300_000,
-    max_deliveries: Annotated[
-        int,
-        Field(
-            ge=1, le=100, description="Dead-letter entries delivered this many times in total (runbook: 3)."
-        ),
-    ] = 3,
-    dead_consumers: Annotated[
-        list[str] | None,
-        Field(
-            max_length=1000, description="Consumers known dead (pods gone): their entries are taken at once."
-        ),
-    ] = None,
-    strategy: Annotated[
-        Literal["requeue", "claim"],
-        Field(
-            description="requeue: re-add a copy for any worker and ack the original; claim: XCLAIM to one consumer."
-        ),
-    ] = "requeue",
-    claim_consumer: Annotated[
-        str,
-        Field(
-            min_length=1,
-            max_length=200,
-            description="Consumer that receives claimed entries (strategy claim).",
-        ),
-    ] = "new-worker",
-    batch_size: Annotated[
-        int, Field(ge=10, le=10_000, description="Pending entries handled per atomic step / task run.")
-    ] = 1000,
-    max_entries: Annotated[
-        int,
-        Field(
-            ge=1, le=10_000_000, description="At most this many entries moved per run (a blast-radius cap)."
-        ),
-    ] = 100_000,
-    delete_idle_consumers_ms: Annotated[
-        int | None,
-        Field(
-            ge=0,
-            description="Also delete consumers owning nothing and idle this long (ms); empty = keep all.",
-        ),
-    ] = 3_600_000,
+    min_idle_ms: Annotated[int, Field(ge=0, le=7 * 24 * 3_600_000,
+                                      description="Take entries idle at least this long (ms); runbook: 5 min.")] = 300_000,
+    max_deliveries: Annotated[int, Field(ge=1, le=100, description="Dead-letter entries delivered this many times in total (runbook: 3).")] = 3,
+    dead_consumers: Annotated[list[str] | None, Field(max_length=1000, description="Consumers known dead (pods gone): their entries are taken at once.")] = None,
+    strategy: Annotated[Literal["requeue", "claim"], Field(description="requeue: re-add a copy for any worker and ack the original; claim: XCLAIM to one consumer.")] = "requeue",
+    claim_consumer: Annotated[str, Field(min_length=1, max_length=200, description="Consumer that receives claimed entries (strategy claim).")] = "new-worker",
+    batch_size: Annotated[int, Field(ge=10, le=10_000, description="Pending entries handled per atomic step / task run.")] = 1000,
+    max_entries: Annotated[int, Field(ge=1, le=10_000_000, description="At most this many entries moved per run (a blast-radius cap).")] = 100_000,
+    delete_idle_consumers_ms: Annotated[int | None, Field(ge=0, description="Also delete consumers owning nothing and idle this long (ms); empty = keep all.")] = 3_600_000,
     dry_run: Annotated[bool, Field(description="Only report what would happen; change nothing.")] = True,
-) -> QueueSweepOutcome:
+) -> QueueSweep:
     """Recover the step queue's pending list: requeue stale or dead-owned steps, dead-letter poison, ack orphans."""
-    log = get_run_logger()
     settings = get_settings()
-    policy = build_policy(
-        min_idle_ms=min_idle_ms,
-        max_deliveries=max_deliveries,
-        dead_consumers=dead_consumers,
-        strategy=strategy,
-        claim_consumer=claim_consumer,
-    )
-    report = Report(title=f"queue-sweep of `{settings.stream}` / `{settings.group}`")
-
-    before = inspect_queue_task(settings=settings)
-    before.require_group()
-    report.table("Observed", before.summary_rows(), caption="Before")
-    report.table(
-        "Observed", [c.model_dump() for c in before.consumers], caption="Consumers (pending, idle ms)"
-    )
-
-    verdict = refuse_if_paused(dry_run=dry_run, settings=settings)
-    acting = verdict.allowed
-    report.add(
-        "Decided",
-        f"Policy: take entries idle >= {policy.min_idle_ms} ms or owned by a dead consumer "
-        f"({', '.join(sorted(policy.dead_consumers)) or 'none given'}); dead-letter at {policy.max_deliveries} "
-        f"deliveries; strategy `{policy.strategy}`; at most {max_entries} moves. Guard: {verdict.reason}.",
-    )
-
-    total = SweepResult(dry_run=not acting)
-    start: str | None = "-"
-    while start is not None:
-        if acting and total.pages:
-            again = refuse_if_paused(dry_run=False, settings=settings)
-            if again.refused:
-                report.add("Done", f"Stopped after {total.pages} pages: {again.reason}.")
-                break
-        moves = sum(v for k, v in total.decided.items() if k != "leave")
-        part = sweep_pages_task(
-            settings=settings,
-            policy=policy,
-            start=start,
-            batch_size=batch_size,
-            max_entries=max_entries - moves,
-            max_pages=PAGES_PER_TASK,
-            dry_run=not acting,
-        )
-        total.merge(part)
-        start = part.next_start
-
-    cleanup = None
-    if delete_idle_consumers_ms is not None:
-        cleanup = delete_empty_consumers_task(
-            settings=settings, consumers=None, min_idle_ms=delete_idle_consumers_ms, dry_run=not acting
-        )
-
-    report.table("Decided", outcome_rows(total), caption=f"Counts ({total.scanned} pending entries scanned)")
-    if total.cap_reached:
-        report.add("Decided", f"Cap reached: {max_entries} entries this run; the next run continues.")
-    report.table("Done" if acting else "Decided", total.samples, caption="Sample of entries taken, and why")
-    if cleanup is not None:
-        deleted = cleanup.deleted if acting else cleanup.would_delete
-        kept = ", ".join(f"{n} ({why})" for n, why in sorted(cleanup.kept.items())) or "none"
-        report.add(
-            "Done" if acting else "Decided",
-            f"Consumers {'deleted' if acting else 'that would be deleted'} (no pending entries, idle >= "
-            f"{delete_idle_consumers_ms} ms): {', '.join(deleted) or 'none'}. Kept: {kept}.",
-        )
-    if not acting:
-        report.add("Done", f"Nothing changed: {verdict.reason}.")
-
-    after = inspect_queue_task(settings=settings)
-    report.table("Verified", after.summary_rows(), caption="After")
-    report.add(
-        "Verified",
-        f"Pending {before.pending} -> {after.pending}; DLQ {before.dlq_length} -> {after.dlq_length} "
-        f"(dead-lettered now: {total.done.get('dead_lettered', 0)}); stream length {before.length} -> "
-        f"{after.length} (requeued now: {total.done.get('requeued', 0)}). Skipped because a worker or another "
-        f"sweep got there first: {sum(v for k, v in total.done.items() if k.startswith('skipped'))}.",
-    )
-    outcome = "completed" if acting else ("dry run" if verdict.dry_run else verdict.reason)
-    report.outcome = outcome
-    markdown = report.publish(key="queue-sweep")
-    if acting and total.moved:
-        emit_recovery_event(
-            action="queue-sweep",
-            resource_id=f"queue.{settings.stream}",
-            payload={"done": total.done, "scanned": total.scanned},
-        )
-    log.info(
-        "queue-sweep %s: scanned %d, decided %s, done %s", outcome, total.scanned, total.decided, total.done
-    )
-    return QueueSweepOutcome(
-        outcome=outcome, before=before, after=after, result=total, cleanup=cleanup, markdown=markdown
-    )
+    policy = build_policy(min_idle_ms=min_idle_ms, max_deliveries=max_deliveries, dead_consumers=dead_consumers,
+                          strategy=strategy, claim_consumer=claim_consumer)
+    title = f"queue-sweep of {settings.stream} / {settings.group}" + (" (dry run)" if dry_run else "")
+    with recording(QueueSweep(flow=FLOW_NAME, title=title, dry_run=dry_run)) as result:
+        # observe
+        result.before = before = inspect_queue_task(settings=settings)
+        before.require_group()
+        result.note("observed", Table(caption="Before", rows=before.summary_rows()))
+        result.note("observed", Table(caption="Consumers (pending, idle ms)",
+                                      rows=[c.model_dump() for c in before.consumers]))
+        # decide (per entry, in each batch) and act
+        result.note("decided", policy_text(policy, max_entries))
+        if before.pending:
+            result.sweep = sweep_in_batches(result, settings=settings, policy=policy, batch_size=batch_size,
+                                            max_entries=max_entries, dry_run=dry_run)
+        swept = result.sweep is None or (result.sweep.next_start is None and not result.sweep.cap_reached)
+        idle = [] if delete_idle_consumers_ms is None else consumers_to_delete(
+            before, min_idle_ms=delete_idle_consumers_ms, policy=policy, swept=swept and not dry_run)
+        if idle:
+            result.cleanup = result.perform(
+                "delete-consumers", ", ".join(idle), dry_run=dry_run,
+                call=lambda: delete_empty_consumers_task(settings=settings, consumers=idle,
+                                                         min_idle_ms=delete_idle_consumers_ms, dry_run=dry_run),
+                count=lambda c: len(c.would_delete if dry_run else c.deleted),
+                detail=lambda c: "; ".join(f"{n}: {why}" for n, why in sorted(c.kept.items())))
+        moved = result.sweep.moved if result.sweep else 0
+        if dry_run or not (moved or result.cleanup):
+            return conclude(result)
+        if moved:
+            emit_recovery_event(action="queue-sweep", resource_id=f"queue.{settings.stream}",
+                                payload={"done": result.sweep.done, "scanned": result.sweep.scanned})
+        # verify
+        result.after = after = inspect_queue_task(settings=settings)
+        result.note("observed", Table(caption="After", rows=after.summary_rows()))
+        verify_sweep(result, settings=settings, policy=policy)
+    return conclude(result)

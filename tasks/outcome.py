@@ -40,7 +40,7 @@ class ActionStatus(StrEnum):
     """What became of one action."""
 
     DONE = "done"  # it changed the system
-    UNCHANGED = "unchanged"  # idempotent no-op: the system already was as wanted
+    UNCHANGED = "unchanged"  # idempotent no-op: the system already was as wanted (needs no verification)
     DRY_RUN = "dry_run"  # previewed only
     REFUSED = "refused"  # the guard said no
     FAILED = "failed"  # it raised or the system said no
@@ -172,8 +172,7 @@ def decide_outcome(
     if error or ActionStatus.FAILED in statuses:
         return Outcome.FAILED
     checks_ok = all(c.ok for c in checks)
-    acted = statuses & {ActionStatus.DONE, ActionStatus.UNCHANGED}
-    if acted:
+    if ActionStatus.DONE in statuses:  # only a change must be verified; an idempotent no-op changed nothing
         verified = {c.target: True for c in checks}
         for c in checks:
             verified[c.target] = verified[c.target] and c.ok

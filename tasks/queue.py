@@ -2,8 +2,9 @@
 
 API shape: every operation is a plain keyword-only function (``inspect_queue``, ``locate_steps``,
 ``sweep_pending``, ``recover_consumers``, ``delete_empty_consumers``, ``replay_dlq`` ...) that tests and
-other tasks call directly, plus a Prefect ``@task`` wrapper named ``<function>_task`` for flows. The wrappers
-of mutating operations also ask the guard (kill switch) first and act as a dry run when it refuses.
+other tasks call directly, plus a Prefect ``@task`` wrapper named ``<function>_task`` for flows. Every
+mutating operation is ``@guarded``: it needs ``dry_run=`` and, unless previewing, raises ``Refused`` while the
+kill switch is on. ``verify_moves`` re-reads a bounded sample of what a sweep or replay moved, in one round trip.
 
 Safety: an entry leaves the pending list only inside one Lua script that re-adds it (requeue) or writes it to
 the DLQ in the same atomic step (``tasks.queue_scripts``); each script re-checks that the entry is still
@@ -34,6 +35,11 @@ Strategy = Literal["requeue", "claim"]
 SAMPLE_LIMIT = 50
 SAMPLE_PER_KIND = 10  # sample rows kept per decision/outcome, so rare ones (poison, orphans) show up too
 DLQ_ERROR = "Max retries exceeded"
+VERIFY_LIMIT = 50  # moved entries re-read after a sweep or replay (one pipelined round trip)
+
+#: what each move is called as an action: by its status once done, by its decision in a dry run
+MOVE_KINDS = {"requeued": "requeue", "dead_lettered": "dead-letter", "orphan_acked": "ack-orphan", "claimed": "claim"}
+DECISION_KINDS = {"requeue": "requeue", "dead_letter": "dead-letter", "orphan": "ack-orphan", "claim": "claim"}
 
 
 #: when Redis reports the group's lag as unknown, it is counted, up to this many entries
@@ -231,12 +237,47 @@ class ReplayFilter(BaseModel):
 
 
 class ReplayResult(BaseModel):
+    """What a replay examined, chose and moved; counts per status plus a bounded sample."""
+
     dry_run: bool
     scanned: int = 0
     matched: int = 0
     done: dict[str, int] = Field(default_factory=dict)
     samples: list[dict[str, Any]] = Field(default_factory=list)
     cap_reached: bool = False
+
+    @property
+    def replayed(self) -> int:
+        return self.done.get("replayed", 0)
+
+    @property
+    def changed(self) -> bool:
+        """Whether an entry was replayed (all chosen ones already gone = an idempotent no-op)."""
+        return self.replayed > 0
+
+
+class Move(NamedTuple):
+    """One entry a sweep or replay moved: status, its id where it was (pending list or DLQ), the owner it left
+    (pending list only) and the id of its new copy ("" when none: ack, claim)."""
+
+    status: str
+    entry_id: str
+    owner: str = ""
+    new_id: str = ""
+    source: Literal["pending", "dlq"] = "pending"
+
+
+class MoveCheck(BaseModel):
+    """A sample of moves of one status, re-read: how many left their old place and have their new copy."""
+
+    status: str
+    checked: int = 0
+    held: int = 0
+    failures: list[str] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.checked > 0 and self.held == self.checked
 
 
 # --------------------------------------------------------------------------------------- pure logic
@@ -259,6 +300,47 @@ def decide(entry: PendingEntry, policy: SweepPolicy) -> Decision:
             "dead_letter", f"delivered {entry.total_deliveries} times (max {policy.max_deliveries}); {why}"
         )
     return Decision(policy.strategy, why)
+
+
+def move_counts(result: SweepResult) -> dict[str, int]:
+    """Entries moved per action kind (``requeue``, ``dead-letter``, ``ack-orphan``, ``claim``); in a dry run,
+    those that would be. Pure."""
+    counts = result.decided if result.dry_run else result.done
+    kinds = DECISION_KINDS if result.dry_run else MOVE_KINDS
+    return {kinds[k]: n for k, n in counts.items() if k in kinds and n}
+
+
+def consumers_to_delete(
+    snapshot: QueueSnapshot, *, min_idle_ms: int, policy: SweepPolicy, swept: bool
+) -> list[str]:
+    """Consumers worth an XGROUP DELCONSUMER after a sweep: idle >= ``min_idle_ms`` and owning nothing, or
+    (``swept``: the sweep ran to the end) owning only entries it took — a dead consumer's, or a consumer idle
+    past the sweep's idle limit (its entries are at least as idle as it is). Pure; the delete re-checks.
+    """
+    return sorted(
+        c.name
+        for c in snapshot.consumers
+        if c.idle_ms >= min_idle_ms
+        and (c.pending == 0 or (swept and (c.name in policy.dead_consumers or c.idle_ms >= policy.min_idle_ms)))
+    )
+
+
+def sweep_moves(samples: Iterable[dict[str, Any]]) -> list[Move]:
+    """The moved entries among a sweep's sample rows (skipped ones moved nothing). Pure."""
+    return [
+        Move(r["status"], r["entry_id"], r.get("consumer") or "", r.get("new_id") or "")
+        for r in samples
+        if r.get("status") in MOVE_KINDS
+    ]
+
+
+def replay_moves(samples: Iterable[dict[str, Any]]) -> list[Move]:
+    """The replayed (or already gone) entries among a replay's sample rows. Pure."""
+    return [
+        Move(r["status"], r["dlq_id"], "", r.get("new_id") or "", "dlq")
+        for r in samples
+        if r.get("status") in ("replayed", "skipped_gone")
+    ]
 
 
 def matches_replay(fields: dict[str, str], entry_id: str, flt: ReplayFilter, *, now_ms: int) -> bool:
@@ -420,16 +502,18 @@ def _apply_decisions(
     return [(e, d, flat[2 * i], flat[2 * i + 1]) for i, (e, d) in enumerate(acting)]
 
 
-def pick_samples(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """At most SAMPLE_PER_KIND rows per (decision, status), SAMPLE_LIMIT in all, in their original order."""
+def pick_samples(
+    rows: Iterable[dict[str, Any]], *, per_kind: int = SAMPLE_PER_KIND, limit: int = SAMPLE_LIMIT
+) -> list[dict[str, Any]]:
+    """At most ``per_kind`` rows per (decision, status), ``limit`` in all, in their original order."""
     seen: Counter[tuple[Any, Any]] = Counter()
     out: list[dict[str, Any]] = []
     for row in rows:
         kind = (row.get("decision"), row.get("status"))
-        if seen[kind] < SAMPLE_PER_KIND:
+        if seen[kind] < per_kind:
             seen[kind] += 1
             out.append(row)
-            if len(out) >= SAMPLE_LIMIT:
+            if len(out) >= limit:
                 break
     return out
 
@@ -666,6 +750,39 @@ def locate_steps(
     return {s: found.get(s) or StepLocation(step_id=s, where="nowhere") for s in step_ids}
 
 
+def verify_moves(*, settings: Settings, moves: Sequence[Move], limit: int = VERIFY_LIMIT) -> list[MoveCheck]:
+    """Re-read up to ``limit`` moved entries in ONE pipelined round trip: each left its old place (no longer
+    pending to its old owner; a replayed one gone from the DLQ) and its new copy exists (the stream for a
+    requeue or replay, the DLQ for a dead-letter). Read-only; one result per status, in first-seen order."""
+    moves = list(moves)[:limit]
+    copy_key = {"requeued": settings.stream, "replayed": settings.stream, "dead_lettered": settings.dlq_stream}
+    client = redis_client(settings)
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for m in moves:
+                if m.source == "dlq":
+                    pipe.xrange(settings.dlq_stream, min=m.entry_id, max=m.entry_id)
+                else:
+                    pipe.xpending_range(settings.stream, settings.group, min=m.entry_id, max=m.entry_id, count=1)
+                if m.status in copy_key:
+                    pipe.xrange(copy_key[m.status], min=m.new_id or "0-0", max=m.new_id or "0-0")
+            replies = iter(pipe.execute())
+    except redis.RedisError as e:
+        raise QueueError(f"cannot re-read the moved entries of `{settings.stream}`: {e}") from e
+    checks: dict[str, MoveCheck] = {}
+    for m in moves:
+        old = next(replies)
+        left = not old if m.source == "dlq" else not old or old[0]["consumer"] != m.owner
+        copied = bool(next(replies)) if m.status in copy_key else True
+        check = checks.setdefault(m.status, MoveCheck(status=m.status))
+        check.checked += 1
+        if left and copied:
+            check.held += 1
+        elif len(check.failures) < 5:
+            check.failures.append(f"{m.entry_id}: " + ("still in place" if not left else f"no copy {m.new_id}"))
+    return list(checks.values())
+
+
 def _iter_range(
     client: redis.Redis, key: str, *, start: str, count: int
 ) -> Iterator[tuple[str, dict[str, str]]]:
@@ -792,6 +909,7 @@ _RETRY: dict[str, Any] = RETRY
 
 inspect_queue_task = task(name="inspect-queue", **_RETRY)(inspect_queue)
 locate_steps_task = task(name="locate-steps", **_RETRY)(locate_steps)
+verify_moves_task = task(name="verify-moves", **_RETRY)(verify_moves)
 
 
 @task(name="sweep-pending", task_run_name="sweep-pending from {start}", **_RETRY)

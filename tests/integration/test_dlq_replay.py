@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
+from prefect.artifacts import Artifact
 from prefect.exceptions import ParameterTypeError
+from prefect.variables import Variable
 
 from flows.dlq_replay import dlq_replay
+from tasks.errors import Refused
+from tasks.outcome import ActionStatus, Outcome
 from tasks.queue import QueueError, ReplayFilter, SweepPolicy, replay_dlq, sweep_pending
 from tests.conftest import REDIS_URL
 from tests.integration.queue_fixtures import add_steps, deliver, dump_keys, make_group, new_entries
 
 
-def dead_letter(redis, settings, jobs):
+def dead_letter(redis, settings, jobs, *, group=True):
     """Put real poison entries in the DLQ through the sweep (so the DLQ fields are the project's own)."""
-    make_group(redis, settings)
+    if group:
+        make_group(redis, settings)
     add_steps(redis, settings, jobs, attempts=2)
     deliver(redis, settings, "w-dead", len(jobs))
     sweep_pending(settings=settings, policy=SweepPolicy(dead_consumers=["w-dead"]), dry_run=False)
@@ -28,16 +33,21 @@ def test_replay_by_job_id_moves_exactly_those_back_with_attempts_reset(active_se
 
     out = dlq_replay(job_ids=["a", "c"], dry_run=False)
 
-    assert out.outcome == "completed" and out.result.done == {"replayed": 2}
+    assert out.outcome is Outcome.RECOVERED and out.replay.done == {"replayed": 2}
+    assert [(a.kind, a.status, a.count) for a in out.actions] == [("replay", ActionStatus.DONE, 2)]
+    [check] = out.checks
+    assert check.ok and check.target == "replayed" and "2/2 sampled" in check.detail
     fresh = redis.xreadgroup(settings.group, "w-fresh", {settings.stream: ">"}, count=10)
     fields = [f for _, entries in fresh for _, f in entries]
     assert sorted(f["job_id"] for f in fields) == ["a", "c"]
     a = next(f for f in fields if f["job_id"] == "a")
     assert a == {"job_id": "a", "run_id": "run-a", "step_id": "a", "payload": '{"k": "v"}', "attempts": "0"}
     assert [f["job_id"] for _, f in redis.xrange(settings.dlq_stream)] == ["b"]
-    assert "## Verified" in out.markdown and "DLQ 3 -> 1" in out.markdown
-    # a second run finds nothing: never replayed twice
-    assert dlq_replay(job_ids=["a", "c"], dry_run=False).result.done == {}
+    md = Artifact.get("dlq-replay").data
+    assert "## Verified" in md and "DLQ 3 -> 1" in md and "Outcome: recovered" in md
+    # a second run finds nothing: never replayed twice, and says there was nothing to do
+    again = dlq_replay(job_ids=["a", "c"], dry_run=False)
+    assert again.outcome is Outcome.NOTHING_TO_DO and again.replay.done == {} and [(a.status, a.count) for a in again.actions] == [(ActionStatus.UNCHANGED, 0)]
     assert redis.xlen(settings.stream) == 5
 
 
@@ -72,9 +82,38 @@ def test_replay_dry_run_changes_nothing(active_settings, redis, key_prefix):
     dead_letter(redis, active_settings, ["a", "b"])
     before = dump_keys(REDIS_URL, key_prefix)
     out = dlq_replay(replay_all=True)  # dry run is the default
-    assert out.outcome == "dry run" and out.result.matched == 2 and out.result.done == {}
-    assert [r["status"] for r in out.result.samples] == ["would_replay", "would_replay"]
+    assert out.outcome is Outcome.DRY_RUN and out.replay.matched == 2 and out.replay.done == {}
+    assert [(a.kind, a.status, a.count) for a in out.actions] == [("replay", ActionStatus.DRY_RUN, 2)]
+    assert [r["status"] for r in out.replay.samples] == ["would_replay", "would_replay"]
     assert dump_keys(REDIS_URL, key_prefix) == before
+
+
+def test_kill_switch_refuses_the_replay_and_changes_nothing(active_settings, redis, key_prefix):
+    settings = active_settings
+    dead_letter(redis, settings, ["a", "b"])
+    before = dump_keys(REDIS_URL, key_prefix)
+    Variable.set(settings.kill_switch_variable, True, overwrite=True)
+    try:
+        state = dlq_replay(replay_all=True, dry_run=False, return_state=True)
+        with pytest.raises(Refused, match="kill switch"):
+            replay_dlq(settings=settings, flt=ReplayFilter(replay_all=True), dry_run=False)
+    finally:
+        Variable.unset(settings.kill_switch_variable)
+    result = state.result()
+    assert state.is_completed() and result.outcome is Outcome.REFUSED and result.replay is None
+    assert [(a.kind, a.status) for a in result.actions] == [("replay", ActionStatus.REFUSED)]
+    assert dump_keys(REDIS_URL, key_prefix) == before
+
+
+def test_an_empty_dlq_or_no_match_is_nothing_to_do(active_settings, redis):
+    settings = active_settings
+    make_group(redis, settings)
+    empty = dlq_replay(replay_all=True, dry_run=False)
+    assert empty.outcome is Outcome.NOTHING_TO_DO and empty.replay is None and empty.actions == []
+    dead_letter(redis, settings, ["a"], group=False)
+    none = dlq_replay(job_ids=["zzz"], dry_run=False)
+    assert none.outcome is Outcome.NOTHING_TO_DO and none.replay.scanned == 1 and none.replay.matched == 0
+    assert redis.xlen(settings.dlq_stream) == 1
 
 
 def test_replay_keeps_original_fields_of_an_entry(settings, redis):
@@ -100,8 +139,10 @@ def test_replay_without_a_choice_or_with_bad_bounds_fails_before_touching_redis(
     assert dump_keys(REDIS_URL, key_prefix) == before
 
 
-def test_replay_into_a_missing_stream_is_refused(active_settings, redis):
+def test_replay_into_a_missing_stream_fails_the_run_and_changes_nothing(active_settings, redis):
     redis.xadd(active_settings.dlq_stream, {"job_id": "a", "error": "Max retries exceeded"})
-    with pytest.raises(QueueError, match="does not exist"):
-        dlq_replay(replay_all=True, dry_run=False)
+    state = dlq_replay(replay_all=True, dry_run=False, return_state=True)
+    result = state.result(raise_on_failure=False)
+    assert state.is_failed() and result.outcome is Outcome.FAILED and "does not exist" in result.error
+    assert result.actions == []
     assert redis.xlen(active_settings.dlq_stream) == 1 and not redis.exists(active_settings.stream)

@@ -3,8 +3,10 @@ and locate steps (pending / queued / dlq / nowhere)."""
 
 from __future__ import annotations
 
+import pytest
 from prefect.variables import Variable
 
+from tasks.errors import Refused
 from tasks.queue import (
     delete_empty_consumers,
     delete_empty_consumers_task,
@@ -12,9 +14,11 @@ from tasks.queue import (
     recover_consumers,
     recover_consumers_task,
 )
+from tests.conftest import REDIS_URL
 from tests.integration.queue_fixtures import (
     add_steps,
     deliver,
+    dump_keys,
     make_group,
     new_entries,
     pending_ids,
@@ -43,19 +47,25 @@ def test_recover_consumers_takes_everything_of_the_dead_now_and_nothing_else(set
     assert recover_consumers(settings=settings, consumers=["w-dead"], dry_run=False).done == {}
 
 
-def test_recover_consumers_task_honours_the_kill_switch(settings, redis):
+def test_the_consumer_tasks_refuse_while_the_kill_switch_is_on(settings, redis, key_prefix):
     make_group(redis, settings)
-    add_steps(redis, settings, ["k-1"])
+    add_steps(redis, settings, ["k-1", "k-2"])
     deliver(redis, settings, "w-dead", 1)
+    deliver(redis, settings, "w-empty", 1)
+    redis.xack(settings.stream, settings.group, *pending_ids(redis, settings, "w-empty"))
+    before = dump_keys(REDIS_URL, key_prefix)
     Variable.set(settings.kill_switch_variable, True, overwrite=True)
     try:
-        result = recover_consumers_task(settings=settings, consumers=["w-dead"], dry_run=False)
-        cleanup = delete_empty_consumers_task(settings=settings, consumers=None, min_idle_ms=0, dry_run=False)
+        with pytest.raises(Refused, match="kill switch"):
+            recover_consumers_task(settings=settings, consumers=["w-dead"], dry_run=False)
+        with pytest.raises(Refused, match="kill switch"):
+            delete_empty_consumers_task(settings=settings, consumers=None, min_idle_ms=0, dry_run=False)
+        # a dry run still previews
+        preview = delete_empty_consumers_task(settings=settings, consumers=None, min_idle_ms=0, dry_run=True)
     finally:
         Variable.unset(settings.kill_switch_variable)
-    assert "kill switch" in (result.refused or "") and result.dry_run and result.done == {}
-    assert "kill switch" in (cleanup.refused or "") and cleanup.deleted == []
-    assert len(pending_ids(redis, settings, "w-dead")) == 1
+    assert preview.would_delete == ["w-empty"] and preview.deleted == []
+    assert dump_keys(REDIS_URL, key_prefix) == before
 
 
 def test_consumers_that_own_entries_are_never_deleted(settings, redis):

@@ -14,7 +14,7 @@ def test_a_dropped_connection_is_retried_and_moves_each_entry_once(settings, red
     make_group(redis, settings)
     add_steps(redis, settings, ["r-1", "r-2"])
     deliver(redis, settings, "w-dead", 2)
-    real = queue.apply_decisions
+    real = queue._apply_decisions
     calls = {"n": 0}
 
     def act_then_drop(**kwargs):
@@ -24,7 +24,7 @@ def test_a_dropped_connection_is_retried_and_moves_each_entry_once(settings, red
             raise QueueError("cannot move pending entries") from redis_lib.ConnectionError("connection reset")
         return outcome
 
-    mocker.patch.object(queue, "apply_decisions", side_effect=act_then_drop)
+    mocker.patch.object(queue, "_apply_decisions", side_effect=act_then_drop)
     result = sweep_pages_task(settings=settings, policy=SweepPolicy(dead_consumers=["w-dead"]), dry_run=False)
 
     assert calls["n"] == 2

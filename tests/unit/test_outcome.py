@@ -32,7 +32,9 @@ def checks(*oks: bool, target: str = "") -> list[Check]:
         (acts(S.REFUSED, S.DRY_RUN), [], Outcome.REFUSED),
         (acts(S.DONE), [], Outcome.NOT_VERIFIED),  # acted, verified nothing: never green
         (acts(S.DONE), checks(True, True), Outcome.RECOVERED),
-        (acts(S.UNCHANGED), checks(True), Outcome.RECOVERED),
+        (acts(S.UNCHANGED), checks(True), Outcome.NOTHING_TO_DO),  # already as wanted
+        (acts(S.UNCHANGED), [], Outcome.NOTHING_TO_DO),
+        (acts(S.UNCHANGED, S.DONE), checks(True), Outcome.RECOVERED),
         (acts(S.DONE), checks(True, False), Outcome.NOT_VERIFIED),  # one target, one check failing
         (acts(S.DONE), checks(False), Outcome.NOT_VERIFIED),
         (acts(S.DONE, S.REFUSED), checks(True), Outcome.PARTIAL),

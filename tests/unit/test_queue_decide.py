@@ -5,17 +5,25 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flows.dlq_replay import build_filter
-from flows.queue_sweep import build_policy
+from flows.queue_sweep import build_policy, policy_text
 from tasks.queue import (
+    ConsumerInfo,
+    Move,
+    MoveCheck,
     PendingEntry,
     QueueError,
     QueueSnapshot,
     ReplayFilter,
+    ReplayResult,
     SweepPolicy,
     SweepResult,
+    consumers_to_delete,
     decide,
     matches_replay,
+    move_counts,
     pick_samples,
+    replay_moves,
+    sweep_moves,
 )
 
 POLICY = SweepPolicy(min_idle_ms=300_000, max_deliveries=3, dead_consumers=["w-dead"])
@@ -176,3 +184,68 @@ def test_snapshot_require_group_explains():
     snap = QueueSnapshot(stream="s", group="g", dlq_stream="d", stream_exists=True, group_exists=False)
     with pytest.raises(QueueError, match="consumer group `g`"):
         snap.require_group()
+
+
+def test_move_counts_name_each_kind_of_move_done_or_previewed():
+    done = SweepResult(dry_run=False, decided={"requeue": 3, "dead_letter": 1, "leave": 9},
+                       done={"requeued": 2, "skipped_gone": 1, "dead_lettered": 1, "orphan_acked": 0})
+    assert move_counts(done) == {"requeue": 2, "dead-letter": 1}  # skipped and zero counts are not moves
+    preview = SweepResult(dry_run=True, decided={"requeue": 3, "orphan": 1, "claim": 2, "leave": 9})
+    assert move_counts(preview) == {"requeue": 3, "ack-orphan": 1, "claim": 2}
+    assert move_counts(SweepResult(dry_run=False, decided={"leave": 5})) == {}
+
+
+def test_consumers_to_delete_only_idle_ones_that_own_nothing_after_the_sweep():
+    snap = QueueSnapshot(stream="s", group="g", dlq_stream="d", stream_exists=True, group_exists=True, consumers=[
+        ConsumerInfo(name="empty-idle", pending=0, idle_ms=7_200_000),
+        ConsumerInfo(name="empty-busy", pending=0, idle_ms=10),
+        ConsumerInfo(name="dead", pending=4, idle_ms=7_200_000),
+        ConsumerInfo(name="dead-fresh", pending=4, idle_ms=10),
+        ConsumerInfo(name="stale", pending=2, idle_ms=7_200_000),
+        ConsumerInfo(name="holder", pending=2, idle_ms=3_600_000),
+    ])
+    policy = SweepPolicy(min_idle_ms=5_000_000, dead_consumers=["dead", "dead-fresh"])
+    assert consumers_to_delete(snap, min_idle_ms=3_600_000, policy=policy, swept=True) == [
+        "dead", "empty-idle", "stale"]  # "holder" is idle below the sweep's limit: its entries stay
+    # the sweep did not run to the end (dry run, cap, refusal): only consumers that already own nothing
+    assert consumers_to_delete(snap, min_idle_ms=3_600_000, policy=policy, swept=False) == ["empty-idle"]
+    assert consumers_to_delete(snap, min_idle_ms=0, policy=policy, swept=False) == ["empty-busy", "empty-idle"]
+
+
+def test_moves_to_verify_are_the_moved_sample_rows():
+    rows = [
+        {"entry_id": "1-0", "consumer": "w", "decision": "requeue", "status": "requeued", "new_id": "9-0"},
+        {"entry_id": "2-0", "consumer": "w", "decision": "requeue", "status": "skipped_gone", "new_id": ""},
+        {"entry_id": "3-0", "consumer": "w", "decision": "orphan", "status": "orphan_acked", "new_id": ""},
+        {"entry_id": "4-0", "consumer": "w", "decision": "requeue"},  # a dry run's row
+    ]
+    assert sweep_moves(rows) == [Move("requeued", "1-0", "w", "9-0"), Move("orphan_acked", "3-0", "w", "")]
+    replay_rows = [{"dlq_id": "5-0", "status": "replayed", "new_id": "9-1"},
+                   {"dlq_id": "6-0", "status": "skipped_gone", "new_id": ""},
+                   {"dlq_id": "7-0", "status": "would_replay", "new_id": ""}]
+    assert replay_moves(replay_rows) == [Move("replayed", "5-0", "", "9-1", "dlq"),
+                                         Move("skipped_gone", "6-0", "", "", "dlq")]
+
+
+def test_a_move_check_holds_only_when_something_was_checked_and_all_held():
+    assert MoveCheck(status="requeued", checked=3, held=3).ok
+    assert not MoveCheck(status="requeued", checked=3, held=2).ok
+    assert not MoveCheck(status="requeued").ok
+
+
+def test_a_replay_says_whether_it_changed_anything():
+    assert not ReplayResult(dry_run=False, matched=2, done={"skipped_gone": 2}).changed
+    assert ReplayResult(dry_run=False, matched=2, done={"replayed": 1, "skipped_gone": 1}).replayed == 1
+
+
+def test_report_samples_are_a_few_rows_per_kind():
+    rows = [{"decision": "requeue", "status": "requeued", "i": i} for i in range(30)]
+    rows += [{"decision": "dead_letter", "status": "dead_lettered", "i": i} for i in range(3)]
+    picked = pick_samples(rows, per_kind=2, limit=10)
+    assert [(r["decision"], r["i"]) for r in picked] == [
+        ("requeue", 0), ("requeue", 1), ("dead_letter", 0), ("dead_letter", 1)]
+
+
+def test_policy_text_names_the_rules():
+    text = policy_text(SweepPolicy(min_idle_ms=300_000, dead_consumers=["w-b", "w-a"]), 15)
+    assert "300000 ms" in text and "(w-a, w-b)" in text and "at most 15 moves" in text
