@@ -2,142 +2,135 @@
 
 - ``stuck-runs-sweep``: runs ``running`` for too long, cross-checked with where their steps are in the queue,
   are left alone (a worker is on it, or the queue sweep will requeue it), retried through the gateway, or
-  failed with ``WORKER_TIMEOUT`` (see ``tasks.stuck_policy``). At most ``max_runs`` per run of the flow.
+  failed with ``WORKER_TIMEOUT`` (``tasks.stuck_policy``, pure). At most ``max_runs`` per run of the flow.
   ``action=fail`` needs no per-run decision: one set-based UPDATE picks and fails the oldest stuck runs.
 - ``fail-run``: mark one running run failed (the runbook's UPDATE), guarded by ``status = 'running'``.
 - ``retry-step``: re-enqueue one step through the gateway (the runbook's curl), unless it is already queued.
-All three: dry run by default, refuse while the kill switch is on, idempotent, and publish a keyed report.
+Each: observe -> decide -> act (guarded tasks: dry run by default, kill switch) -> verify (one re-read of what it
+touched: failed runs read ``failed``, retried steps are queued or taken, left runs unchanged) -> a typed result
+and its keyed report. A step the gateway calls "already queued" while no stream has it is a lost retry, counted
+against ``max_step_retries`` so its run is failed in the end instead of being retried forever.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypedDict
 
-from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field
+from prefect import flow
+from pydantic import Field
 
+from tasks import gateway, queue, runs, stuck_policy
 from tasks.events import emit_recovery_event
-from tasks.gateway import GatewayError, RetryOutcome, retry_steps_task, validate_id
-from tasks.guard import check, refuse_if_paused
-from tasks.queue import StepLocation, locate_steps_task
-from tasks.report import Report
-from tasks.runs import (
-    WORKER_TIMEOUT,
-    count_stuck_runs,
-    count_stuck_runs_task,
-    fail_runs_task,
-    fail_stuck_runs_task,
-    find_stuck_runs_task,
-    find_unfinished_steps_task,
-    read_runs_task,
-    read_step_task,
-)
+from tasks.gateway import RetryAnswer, RetryBatch, validate_id
+from tasks.outcome import ActionStatus, RecoveryResult, Table
+from tasks.report import conclude, recording
 from tasks.settings import Settings, get_settings
-from tasks.stuck_policy import DEFAULT_MIN_IDLE_MS, Decision, RunDecision, decide
+from tasks.stuck_policy import DEFAULT_MIN_IDLE_MS, SAMPLE, Plan, sample
 
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+SWEEP, FAIL_RUN, RETRY_STEP = "stuck-runs-sweep", "fail-run", "retry-step"
 
 
-class SweepResult(BaseModel):
-    """What one sweep found, decided and did (returned by the flow, also in its report)."""
+class Policy(TypedDict):
+    """The sweep's parameters that feed ``stuck_policy.decide``."""
 
-    found: int
-    more_than_max_runs: bool
-    decisions: dict[str, int]
-    failed: list[str] = []
-    not_failed: list[str] = []
-    retried: list[str] = []
-    retry_outcomes: dict[str, str] = {}
+    action: stuck_policy.Action
+    max_step_retries: int
+    min_idle_ms: int
+    live_consumers: list[str] | None
+
+
+class StuckRunsSweep(RecoveryResult):
+    """What one sweep found, decided, did and verified (ids of what it changed; counts of the rest)."""
+
+    action: Literal["auto", "fail", "retry"]
+    found: int = 0
+    more_than_max_runs: bool = False
+    decisions: dict[str, int] = {}
+    failed: list[str] = []  # runs failed now
+    not_failed: list[str] = []  # decided fail, but finished meanwhile: left as they are
+    would_fail: list[str] = []  # dry run
+    retried: list[str] = []  # steps re-enqueued by the gateway
+    would_retry: list[str] = []  # dry run
+    retry_outcomes: dict[str, RetryAnswer] = {}  # "run/step" -> the gateway's answer
     retry_errors: dict[str, str] = {}
-    guard: str
-    dry_run: bool
+    lost_retries: dict[str, int] = {}  # step -> lost retries counted so far (see the module docstring)
 
 
-class FailRunResult(BaseModel):
+class FailRun(RecoveryResult):
+    """One ``fail-run``: the run's status before and after, and whether this run changed it."""
+
     run_id: str
-    changed: bool
-    status_before: str | None
-    status_after: str | None
-    reason: str
+    status_before: str | None = None
+    status_after: str | None = None
+    changed: bool = False
 
 
-class RetryStepResult(BaseModel):
+class RetryStep(RecoveryResult):
+    """One ``retry-step``: where the step was and is, the gateway's answer, and whether it was re-enqueued."""
+
     run_id: str
     step_id: str
-    changed: bool
-    outcome: str
-    where_before: str | None
-    where_after: str | None
-    reason: str
+    where_before: str | None = None
+    where_after: str | None = None
+    answer: RetryAnswer | None = None
+    changed: bool = False
+    lost_retries: int = 0
 
 
-def _decision_rows(decisions: list[RunDecision], locations: dict[str, StepLocation]) -> list[dict]:
-    rows = []
-    for d in decisions:
-        step = d.steps[0] if d.steps else None
-        loc = locations.get(step.step_id) if step else None
-        rows.append(
-            {
-                "run": d.run_id,
-                "decision": d.decision.value,
-                "steps": ", ".join(s.step_id for s in d.steps) or "-",
-                "where": loc.where if loc else "-",
-                "owner": (loc.consumer or "-") if loc else "-",
-                "reason": d.reason,
-            }
-        )
-    return rows
+def _unchanged_unless(result: RecoveryResult, changed: bool) -> None:
+    """The last action changed nothing (every row it targeted was already as wanted): record it so."""
+    if not changed and result.actions and result.actions[-1].status is ActionStatus.DONE:
+        result.actions[-1].status = ActionStatus.UNCHANGED
+
+
+def _acted(result: RecoveryResult) -> bool:
+    return any(a.status in (ActionStatus.DONE, ActionStatus.UNCHANGED) for a in result.actions)
+
+
+def _n(items: Sequence[object] | int, what: str) -> str:
+    return f"{items if isinstance(items, int) else len(items)} {what}(s)"
 
 
 @flow(
-    name="stuck-runs-sweep",
+    name=SWEEP,
     flow_run_name="stuck-runs-sweep {action} older-than-{older_than_minutes}m dry-run-{dry_run}",
     description=(
         "Runs stuck in `running` for over N minutes: for each, look where its step is in the queue and leave it "
         "(a live worker has it / the queue sweep will requeue it), retry it through the gateway, or fail the run "
         "with WORKER_TIMEOUT (action=fail: every stuck run, in one statement). Every UPDATE re-checks `running` "
-        "and the cutoff, so a run that finishes meanwhile is never touched. Dry run by default."
+        "and the cutoff, so a run that finishes meanwhile is never touched. Verifies by re-reading what it "
+        "touched. Dry run by default."
     ),
 )
 def stuck_runs_sweep(
     older_than_minutes: Annotated[
-        int,
-        Field(ge=1, le=10080, description="A run is stuck when `running` for longer than this (minutes)."),
+        int, Field(ge=1, le=10080, description="A run is stuck when `running` for longer than this (minutes).")
     ] = 30,
     action: Annotated[
         Literal["auto", "fail", "retry"],
-        Field(
-            description="auto: decide per run from the queue; fail: fail every stuck run; retry: never fail."
-        ),
+        Field(description="auto: decide per run from the queue; fail: fail every stuck run; retry: never fail."),
     ] = "auto",
     max_runs: Annotated[
         int, Field(ge=1, le=10000, description="Blast radius: act on at most this many runs per sweep.")
     ] = 100,
     max_step_retries: Annotated[
-        int,
-        Field(
-            ge=0, le=10, description="Retry a step through the gateway at most this many times, then fail."
-        ),
+        int, Field(ge=0, le=10, description="Retry a step through the gateway at most this many times, then fail.")
     ] = 3,
     min_idle_ms: Annotated[
         int,
-        Field(
-            ge=0,
-            le=86_400_000,
-            description="A pending step's owner counts as alive while idle less than this.",
-        ),
+        Field(ge=0, le=86_400_000, description="A pending step's owner counts as alive while idle less than this."),
     ] = DEFAULT_MIN_IDLE_MS,
     live_consumers: Annotated[
         list[str] | None,
-        Field(
-            description="Consumers known alive (worker pods); when given, only these count as live owners."
-        ),
+        Field(description="Consumers known alive (worker pods); when given, only these count as live owners."),
     ] = None,
     dry_run: Annotated[bool, Field(description="Only report what would be done.")] = True,
-) -> SweepResult:
-    """Find stuck runs, decide per run from the queue, then fail / retry within the guard, verify, report.
+) -> StuckRunsSweep:
+    """Find stuck runs, decide per run from the queue, fail / retry within the guard, verify, report.
 
     Args:
         older_than_minutes: A run is stuck when `running` for longer than this (minutes).
@@ -149,237 +142,174 @@ def stuck_runs_sweep(
         dry_run: Only report what would be done.
     """
     settings = get_settings()
-    logger = get_run_logger()
-    report = Report(title=f"stuck-runs-sweep ({action}, older than {older_than_minutes} min)")
     cutoff = datetime.now(UTC) - timedelta(minutes=older_than_minutes)
+    title = f"stuck-runs-sweep ({action}, older than {older_than_minutes} min)" + (" (dry run)" if dry_run else "")
+    with recording(StuckRunsSweep(flow=SWEEP, title=title, dry_run=dry_run, action=action)) as result:
+        if action == "fail":
+            _fail_oldest(result, settings=settings, cutoff=cutoff, max_runs=max_runs, dry_run=dry_run)
+        else:
+            _sweep_by_policy(result, settings=settings, cutoff=cutoff, max_runs=max_runs, dry_run=dry_run,
+                             policy=Policy(action=action, max_step_retries=max_step_retries,
+                                           min_idle_ms=min_idle_ms, live_consumers=live_consumers))
+    if result.failed or result.retried:  # also when verifying failed afterwards: these changes happened
+        emit_recovery_event(action="stuck-runs-swept", resource_id="runs", payload={
+            "failed": result.failed[:100], "retried": result.retried[:100], "found": result.found})
+    return conclude(result, key=SWEEP)
 
-    if action == "fail":
-        result = _fail_every_stuck_run(
-            settings=settings, report=report, cutoff=cutoff, max_runs=max_runs, dry_run=dry_run
-        )
-        report.outcome = (
-            "dry run" if dry_run else ("refused" if result.guard.startswith("refused") else "completed")
-        )
-        report.publish(key="stuck-runs-sweep")
-        if result.failed:
-            emit_recovery_event(
-                action="stuck-runs-swept",
-                resource_id="runs",
-                payload={"failed": result.failed[:100], "retried": [], "found": result.found},
-            )
-        logger.info(
-            "stuck-runs-sweep: action=fail, found %d, failed %d (%s)",
-            result.found,
-            len(result.failed),
-            result.guard,
-        )
-        return result
 
+def _sweep_by_policy(
+    result: StuckRunsSweep, *, settings: Settings, cutoff: datetime, max_runs: int, dry_run: bool, policy: Policy
+) -> None:
+    """action auto / retry: observe the runs, their steps and where those are; decide per run; act; verify."""
     # observe
-    found = find_stuck_runs_task(settings=settings, cutoff=cutoff, limit=max_runs + 1)
-    more = len(found) > max_runs
-    found = found[:max_runs]
-    run_ids = found
-    steps = find_unfinished_steps_task(settings=settings, run_ids=run_ids) if run_ids else {}
-    step_ids = [s.id for run_steps in steps.values() for s in run_steps]
-    locations = locate_steps_task(settings=settings, step_ids=step_ids) if step_ids else {}
-    report.add(
-        "Observed",
-        f"{len(found)} run(s) `running` since before {cutoff:%Y-%m-%d %H:%M:%S} UTC"
-        + (f" (more than max_runs={max_runs}; the rest wait for the next sweep)" if more else "")
-        + f"; {len(step_ids)} unfinished step(s); queue: "
-        + (", ".join(f"{k} {v}" for k, v in Counter(loc.where for loc in locations.values()).items()) or "-"),
-    )
-
+    found = runs.find_stuck_runs_task(settings=settings, cutoff=cutoff, limit=max_runs + 1)
+    result.more_than_max_runs, found = len(found) > max_runs, found[:max_runs]
+    result.found = len(found)
+    steps = runs.find_unfinished_steps_task(settings=settings, run_ids=found) if found else {}
+    step_ids = [s.id for group in steps.values() for s in group]
+    where = queue.locate_steps_task(settings=settings, step_ids=step_ids) if step_ids else {}
+    nowhere = [s for s in step_ids if s not in where or where[s].where == "nowhere"]
+    lost = gateway.lost_retries_task(settings=settings, step_ids=nowhere) if nowhere else {}
+    result.note("observed", _observed(found, result.more_than_max_runs, max_runs, cutoff, step_ids, where, lost))
     # decide
-    decisions = decide(
-        runs=found,
-        steps=steps,
-        locations=locations,
-        action=action,
-        max_step_retries=max_step_retries,
-        min_idle_ms=min_idle_ms,
-        live_consumers=live_consumers,
-    )
-    counts = Counter(d.decision.value for d in decisions)
-    report.add("Decided", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "nothing to do")
-    report.table("Decided", _decision_rows(decisions, locations), caption="Per run")
-    to_fail = [d.run_id for d in decisions if d.decision == Decision.FAIL]
-    to_retry = [(d.run_id, s) for d in decisions if d.decision == Decision.RETRY for s in d.retry_steps]
-
+    decisions = stuck_policy.decide(runs=found, steps=steps, locations=where, lost_retries=lost, **policy)
+    work = stuck_policy.plan(decisions)
+    result.decisions = work.counts
+    result.note("decided", ", ".join(f"{k}: {v}" for k, v in sorted(work.counts.items())) or "nothing to do")
+    if decisions:
+        more = f"; the first {SAMPLE} of {len(decisions)}" if len(decisions) > SAMPLE else ""
+        result.note("decided", Table(caption=f"Per run (fail and retry first{more})",
+                                     rows=stuck_policy.decision_rows(decisions, where)))
     # act
-    verdict = refuse_if_paused(dry_run=dry_run, settings=settings)
-    result = SweepResult(
-        found=len(found),
-        more_than_max_runs=more,
-        decisions=dict(counts),
-        guard=verdict.reason,
-        dry_run=dry_run,
-    )
-    auth_error: GatewayError | None = None
-    if not (to_fail or to_retry):
-        report.add("Done", "nothing to change")
-    elif not verdict.allowed:
-        report.add(
-            "Done", f"{verdict.reason}: would fail {len(to_fail)} run(s) and retry {len(to_retry)} step(s)"
-        )
+    if work.to_fail:
+        failed = result.perform(
+            "fail-runs", _n(work.to_fail, "run"), dry_run=dry_run,
+            call=lambda: runs.fail_runs_task(settings=settings, run_ids=work.to_fail, cutoff=cutoff,
+                                             error=dict(runs.WORKER_TIMEOUT), dry_run=dry_run),
+            count=lambda f: len(f.would_change if dry_run else f.changed), detail=lambda f: _fail_detail(f, dry_run))
+        if failed is not None:
+            _unchanged_unless(result, dry_run or bool(failed.changed))
+            result.failed, result.not_failed, result.would_fail = failed.changed, failed.unchanged, failed.would_change
+    batch = _retry(result, settings=settings, targets=work.to_retry, dry_run=dry_run) if work.to_retry else None
+    # verify: one re-read of every run found, the retried steps' rows and where those steps are now
+    if _acted(result):
+        _verify_sweep(result, settings=settings, found=found, work=work, batch=batch,
+                      max_step_retries=policy["max_step_retries"])
+
+
+def _retry(result: StuckRunsSweep | RetryStep, *, settings: Settings, targets: list[tuple[str, str]],
+           dry_run: bool, target: str | None = None) -> RetryBatch | None:
+    """Ask the gateway to re-enqueue these steps (guarded); a step the gateway could not answer is a failed action."""
+    batch = result.perform(
+        "retry-steps", target or _n(targets, "step"), dry_run=dry_run,
+        call=lambda: gateway.retry_steps_task(settings=settings, targets=targets, dry_run=dry_run),
+        count=lambda b: len(targets) if dry_run else len(b.retried),
+        detail=lambda b: f"would retry {sample([s for _, s in targets])}" if dry_run else b.summary())
+    if isinstance(result, StuckRunsSweep) and batch is not None:
+        result.would_retry = [s for _, s in targets] if dry_run else []
+        result.retried, result.retry_errors = batch.retried, batch.errors
+        result.retry_outcomes = {f"{o.run_id}/{o.step_id}": o.outcome for o in batch.outcomes}
+    errors = batch.errors if batch else {}
+    if len(targets) == 1 and errors:  # the one step could not be retried: that action failed
+        result.actions[-1].status, result.actions[-1].detail = ActionStatus.FAILED, next(iter(errors.values()))
     else:
-        if to_fail:
-            failed = fail_runs_task(
-                settings=settings, run_ids=to_fail, cutoff=cutoff, error=dict(WORKER_TIMEOUT)
-            )
-            result.failed, result.not_failed = failed.changed, failed.unchanged
-            report.add(
-                "Done",
-                f"failed {len(failed.changed)} run(s) with WORKER_TIMEOUT"
-                + (
-                    f"; {len(failed.unchanged)} had finished meanwhile and were left as they are"
-                    if failed.unchanged
-                    else ""
-                ),
-            )
-            reasons = {d.run_id: d.reason for d in decisions}
-            report.table(
-                "Done",
-                [{"run": i, "done": "failed (WORKER_TIMEOUT)", "reason": reasons[i]} for i in failed.changed]
-                + [
-                    {"run": i, "done": "left: no longer running", "reason": reasons[i]}
-                    for i in failed.unchanged
-                ],
-                caption="Runs failed",
-            )
-        if to_retry:
-            try:
-                batch = retry_steps_task(settings=settings, targets=to_retry)
-            except GatewayError as e:
-                auth_error = e
-                report.add("Done", f"gateway retries stopped: {e}")
-            else:
-                result.retry_outcomes = {f"{o.run_id}/{o.step_id}": o.outcome for o in batch.outcomes}
-                result.retried = [o.step_id for o in batch.outcomes if o.changed]
-                result.retry_errors = batch.errors
-                report.table("Done", _outcome_rows(batch.outcomes, batch.errors), caption="Gateway retries")
-
-    # verify
-    if result.failed or result.not_failed:
-        now = read_runs_task(settings=settings, run_ids=result.failed + result.not_failed)
-        ok = sum(1 for i in result.failed if now.get(i) and now[i].status == "failed")
-        report.add("Verified", f"{ok}/{len(result.failed)} failed run(s) read back as `failed`")
-        report.table(
-            "Verified",
-            [{"run": i, "status": now[i].status if i in now else "gone"} for i in result.not_failed],
-            caption="Found stuck but not failed (finished meanwhile)",
-        )
-    if result.retried:
-        after = locate_steps_task(settings=settings, step_ids=result.retried)
-        queued = sum(1 for loc in after.values() if loc.where in ("queued", "pending"))
-        report.add("Verified", f"{queued}/{len(result.retried)} retried step(s) are back in the queue")
-    still = count_stuck_runs(settings=settings, cutoff=cutoff)
-    report.add("Verified", f"{still} run(s) still `running` since before the cutoff")
-
-    report.outcome = "dry run" if dry_run else ("refused" if not verdict.allowed else "completed")
-    if auth_error is not None:
-        report.outcome = "failed"
-    report.publish(key="stuck-runs-sweep")
-    if result.failed or result.retried:
-        emit_recovery_event(
-            action="stuck-runs-swept",
-            resource_id="runs",
-            payload={"failed": result.failed[:100], "retried": result.retried[:100], "found": len(found)},
-        )
-    logger.info(
-        "stuck-runs-sweep: found %d, decided %s, failed %d, retried %d (%s)",
-        len(found),
-        dict(counts),
-        len(result.failed),
-        len(result.retried),
-        verdict.reason,
-    )
-    if auth_error is not None:
-        raise auth_error
-    return result
+        for failed_target, message in errors.items():
+            result.act("retry-step", failed_target, ActionStatus.FAILED, detail=message)
+    return batch
 
 
-def _fail_every_stuck_run(
-    *, settings: Settings, report: Report, cutoff: datetime, max_runs: int, dry_run: bool
-) -> SweepResult:
-    """``action=fail``: no per-run decision, so no ids travel: count, then fail the oldest ``max_runs`` stuck runs
-    in one guarded statement (``fail_stuck_runs``) and count again. A dry run or a refusal lists what it would
-    fail instead."""
+def _verify_sweep(result: StuckRunsSweep, *, settings: Settings, found: list[str], work: Plan,
+                  batch: RetryBatch | None, max_step_retries: int) -> None:
+    """Re-read what the sweep touched (runs: one set-based read; retried steps: their rows and the queue) and
+    check each has the state decided; count lost retries."""
+    answered = {o.step_id: o.outcome for o in batch.outcomes} if batch else {}
+    status = runs.read_run_statuses_task(settings=settings, run_ids=found)
+    where, step_status = _step_state(settings, list(answered))
+    result.lost_retries = _count_lost(settings, answered, where, step_status)
+    for v in stuck_policy.verify_sweep(plan=work, failed=result.failed, run_status=status, retried=answered,
+                                       step_where=where, step_status=step_status,
+                                       lost_retries=result.lost_retries, max_step_retries=max_step_retries):
+        result.check(v.name, v.ok, v.detail, target=v.target)
+
+
+def _step_state(settings: Settings, step_ids: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Where these steps are in the queue now, and their rows' status (one locate, one set-based read)."""
+    if not step_ids:
+        return {}, {}
+    located = queue.locate_steps_task(settings=settings, step_ids=step_ids)
+    return {s: loc.where for s, loc in located.items()}, runs.read_step_statuses_task(settings=settings,
+                                                                                         step_ids=step_ids)
+
+
+def _count_lost(settings: Settings, answered: dict[str, str], where: dict[str, str],
+                step_status: dict[str, str]) -> dict[str, int]:
+    """Count a lost retry for each step the gateway called "already queued" that no stream holds."""
+    lost = [s for s, answer in answered.items()
+            if answer == "already_queued" and stuck_policy.is_lost(step_status=step_status.get(s),
+                                                                    where=where.get(s, "nowhere"))]
+    return gateway.count_lost_retries_task(settings=settings, step_ids=lost) if lost else {}
+
+
+def _observed(found: list[str], more: bool, max_runs: int, cutoff: datetime, step_ids: list[str],
+              where: dict[str, queue.StepLocation], lost: dict[str, int]) -> str:
+    places = Counter(loc.where for loc in where.values())
+    return (f"{len(found)} run(s) `running` since before {cutoff:%Y-%m-%d %H:%M:%S} UTC"
+            + (f" (more than max_runs={max_runs}; the rest wait for the next sweep)" if more else "")
+            + f"; {len(step_ids)} unfinished step(s); queue: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(places.items())) or "-")
+            + (f"; lost retries so far: {', '.join(f'{s} {n}' for s, n in sorted(lost.items())[:SAMPLE])}"
+               if lost else ""))
+
+
+def _fail_detail(failed: runs.FailResult, dry_run: bool) -> str:
+    if dry_run:
+        return f"would fail {sample(failed.would_change)} with WORKER_TIMEOUT"
+    return (f"failed {sample(failed.changed)} with WORKER_TIMEOUT"
+            + (f"; {len(failed.unchanged)} finished meanwhile, left as they are" if failed.unchanged else ""))
+
+
+def _fail_oldest(result: StuckRunsSweep, *, settings: Settings, cutoff: datetime, max_runs: int,
+                 dry_run: bool) -> None:
+    """``action=fail``: no per-run decision, so no ids travel: count, fail the oldest ``max_runs`` stuck runs in
+    one guarded statement (``fail_stuck_runs``; its dry run lists them), read back the ones it failed."""
     # observe
-    stuck = count_stuck_runs_task(settings=settings, cutoff=cutoff)
-    found, more = min(stuck, max_runs), stuck > max_runs
-    report.add(
-        "Observed",
-        f"{stuck} run(s) `running` since before {cutoff:%Y-%m-%d %H:%M:%S} UTC"
-        + (f" (more than max_runs={max_runs}; the rest wait for the next sweep)" if more else ""),
-    )
-    # decide: action=fail fails every stuck run, oldest first, at most max_runs
-    report.add(
-        "Decided",
-        f"action=fail: fail {found} run(s) (the oldest, at most max_runs={max_runs}) with WORKER_TIMEOUT, "
-        "in one UPDATE that re-checks `running` and the cutoff on every row",
-    )
+    stuck = runs.count_stuck_runs_task(settings=settings, cutoff=cutoff)
+    result.found, result.more_than_max_runs = min(stuck, max_runs), stuck > max_runs
+    result.note("observed", f"{stuck} run(s) `running` since before {cutoff:%Y-%m-%d %H:%M:%S} UTC"
+                + (f" (more than max_runs={max_runs}; the rest wait for the next sweep)" if stuck > max_runs else ""))
+    # decide
+    result.decisions = {stuck_policy.Decision.FAIL.value: result.found} if result.found else {}
+    if not result.found:
+        result.note("decided", "nothing to do")
+        return
+    result.note("decided", f"action=fail: fail {result.found} run(s) (the oldest, at most max_runs={max_runs}) with "
+                "WORKER_TIMEOUT, in one UPDATE that re-checks `running` and the cutoff on every row")
     # act
-    verdict = refuse_if_paused(dry_run=dry_run, settings=settings)
-    result = SweepResult(
-        found=found,
-        more_than_max_runs=more,
-        decisions={Decision.FAIL.value: found} if found else {},
-        guard=verdict.reason,
-        dry_run=dry_run,
-    )
-    if not found:
-        report.add("Done", "nothing to change")
-    elif not verdict.allowed:
-        would = find_stuck_runs_task(settings=settings, cutoff=cutoff, limit=max_runs)
-        report.add("Done", f"{verdict.reason}: would fail {len(would)} run(s)")
-        report.table(
-            "Done",
-            [{"run": i, "would": "fail (WORKER_TIMEOUT)", "reason": "action=fail"} for i in would],
-            caption="Runs it would fail (oldest first)",
-        )
-    else:
-        result.failed = fail_stuck_runs_task(
-            settings=settings, cutoff=cutoff, limit=max_runs, error=dict(WORKER_TIMEOUT)
-        )
-        skipped = found - len(result.failed)
-        report.add(
-            "Done",
-            f"failed {len(result.failed)} run(s) with WORKER_TIMEOUT"
-            + (
-                f"; {skipped} finished meanwhile (or another sweep holds them) and were left"
-                if skipped > 0
-                else ""
-            ),
-        )
-        report.table(
-            "Done",
-            [{"run": i, "done": "failed (WORKER_TIMEOUT)", "reason": "action=fail"} for i in result.failed],
-            caption="Runs failed (oldest first)",
-        )
-    # verify: the UPDATE's RETURNING names exactly the rows it changed; what is left stuck is one count
-    still = count_stuck_runs_task(settings=settings, cutoff=cutoff)
-    report.add(
-        "Verified",
-        f"{still} run(s) still `running` since before the cutoff"
-        + (f" (expected {stuck - len(result.failed)})" if result.failed else ""),
-    )
-    return result
-
-
-def _outcome_rows(outcomes: list[RetryOutcome], errors: dict[str, str]) -> list[dict]:
-    rows = [
-        {"run": o.run_id, "step": o.step_id, "outcome": o.outcome, "http": o.status_code} for o in outcomes
-    ]
-    for target, message in errors.items():
-        run_id, step_id = target.split("/", 1)
-        rows.append({"run": run_id, "step": step_id, "outcome": "error", "http": message})
-    return rows
+    ids = result.perform(
+        "fail-stuck-runs", f"oldest {_n(result.found, 'stuck run')}", dry_run=dry_run,
+        call=lambda: runs.fail_stuck_runs_task(settings=settings, cutoff=cutoff, limit=max_runs,
+                                               error=dict(runs.WORKER_TIMEOUT), dry_run=dry_run),
+        count=len, detail=lambda ids: ("would fail " if dry_run else "failed ") + sample(ids))
+    if ids is None:
+        return
+    if dry_run:
+        result.would_fail = ids
+        return
+    result.failed = ids
+    _unchanged_unless(result, bool(ids))
+    # verify: none of the runs it failed is still `running` (one read of the stuck-run index), a sample reads `failed`
+    if not ids:
+        result.check("stuck runs finished meanwhile (or another sweep holds them)", True,
+                     f"0 of {result.found} still matched the UPDATE's predicate")
+        return
+    running = runs.still_running_task(settings=settings, run_ids=ids, cutoff=cutoff)
+    shown = runs.read_run_statuses_task(settings=settings, run_ids=ids[:SAMPLE])
+    for v in stuck_policy.verify_failed(failed=ids, still_running=running, sample_status=shown):
+        result.check(v.name, v.ok, v.detail, target=v.target)
 
 
 @flow(
-    name="fail-run",
+    name=FAIL_RUN,
     flow_run_name="fail-run {run_id} dry-run-{dry_run}",
     description=(
         "Mark one `running` run failed with an error code and message (WORKER_TIMEOUT by default) — the runbook's "
@@ -393,10 +323,10 @@ def fail_run(
     ),
     message: Annotated[
         str, Field(min_length=1, max_length=500, description="Error message written to the run.")
-    ] = ("Worker did not respond"),
+    ] = "Worker did not respond",
     dry_run: Annotated[bool, Field(description="Only report what would be done.")] = True,
-) -> FailRunResult:
-    """Observe the run, ask the guard, fail it if still running, read it back, report.
+) -> FailRun:
+    """Observe the run, fail it if still running (guarded), read it back, report.
 
     Args:
         run_id: The run to fail, e.g. `run_01H...` (letters, digits, `_.:-`).
@@ -406,66 +336,60 @@ def fail_run(
     """
     validate_id(run_id, what="run id")
     settings = get_settings()
-    report = Report(title=f"fail-run {run_id}")
-    before = read_runs_task(settings=settings, run_ids=[run_id]).get(run_id)
-    status_before = before.status if before else None
-    report.add("Observed", f"run `{run_id}`: " + (f"status `{status_before}`" if before else "not found"))
-    if before is None or before.status != "running":
-        reason = "no such run" if before is None else f"already `{before.status}`: nothing to do"
-        report.add("Decided", reason)
-        report.outcome = "no change"
-        report.publish(key="fail-run")
-        return FailRunResult(
-            run_id=run_id,
-            changed=False,
-            status_before=status_before,
-            status_after=status_before,
-            reason=reason,
-        )
-    report.add("Decided", f"fail it with `{code}`: {message}")
-    verdict = check(action="fail-run", target=run_id, dry_run=dry_run, settings=settings, cooldown_s=0)
-    changed = False
-    if verdict.allowed:
-        result = fail_runs_task(
-            settings=settings, run_ids=[run_id], cutoff=None, error={"code": code, "message": message}
-        )
-        changed = bool(result.changed)
-        report.add("Done", "failed" if changed else "it finished meanwhile: left as it is")
-    else:
-        report.add("Done", verdict.reason)
-    after = read_runs_task(settings=settings, run_ids=[run_id]).get(run_id)
-    status_after = after.status if after else None
-    report.add(
-        "Verified",
-        f"status now `{status_after}`" + (f", error {after.error}" if after and after.error else ""),
-    )
-    report.outcome = "completed" if changed else ("dry run" if verdict.dry_run else "no change")
-    report.publish(key="fail-run")
-    if changed:
-        emit_recovery_event(action="run-failed", resource_id=f"run.{run_id}", payload={"code": code})
-    return FailRunResult(
-        run_id=run_id,
-        changed=changed,
-        status_before=status_before,
-        status_after=status_after,
-        reason=verdict.reason,
-    )
+    title = f"fail-run {run_id}" + (" (dry run)" if dry_run else "")
+    with recording(FailRun(flow=FAIL_RUN, title=title, dry_run=dry_run, run_id=run_id)) as result:
+        # observe
+        before = runs.read_runs_task(settings=settings, run_ids=[run_id]).get(run_id)
+        result.status_before = result.status_after = before.status if before else None
+        result.note("observed", f"run `{run_id}`: " + (f"status `{before.status}`" if before else "not found"))
+        # decide: a run that is no longer running is an idempotent no-op
+        if before is None or before.status != runs.RUNNING:
+            result.note("decided", "no such run: nothing to do" if before is None
+                        else f"already `{before.status}`: nothing to do (left as it is)")
+            if before is not None:
+                result.check("run is no longer running", True, f"`{before.status}`")
+            return conclude(result, key=FAIL_RUN)
+        result.note("decided", f"fail it with `{code}`: {message}")
+        # act
+        done = result.perform(
+            "fail-run", f"run/{run_id}", dry_run=dry_run,
+            call=lambda: runs.fail_runs_task(settings=settings, run_ids=[run_id], cutoff=None,
+                                             error={"code": code, "message": message}, dry_run=dry_run),
+            detail=lambda f: "would fail it" if dry_run else ("failed" if f.changed else "finished meanwhile: left"))
+        if done is None or dry_run:
+            return conclude(result, key=FAIL_RUN)
+        result.changed = bool(done.changed)
+        _unchanged_unless(result, result.changed)
+        # verify
+        after = runs.read_runs_task(settings=settings, run_ids=[run_id]).get(run_id)
+        result.status_after = after.status if after else None
+        error = (after.error or {}) if after else {}
+        if result.changed:
+            result.check(f"run reads back `failed` with `{code}`",
+                         result.status_after == "failed" and error.get("code") == code,
+                         f"`{result.status_after}`, error code `{error.get('code')}`")
+            emit_recovery_event(action="run-failed", resource_id=f"run.{run_id}", payload={"code": code})
+        else:
+            result.check("run finished meanwhile (no longer running)",
+                         result.status_after not in (None, runs.RUNNING), f"`{result.status_after}`")
+    return conclude(result, key=FAIL_RUN)
 
 
 @flow(
-    name="retry-step",
+    name=RETRY_STEP,
     flow_run_name="retry-step {run_id}/{step_id} dry-run-{dry_run}",
     description=(
         "Re-enqueue one step through the gateway's retry API — the runbook's manual curl — unless the step is "
-        "already queued or held by a worker. The API key is never shown. Dry run by default."
+        "already queued or held by a worker; then check it is queued. The API key is never shown. Dry run by "
+        "default."
     ),
 )
 def retry_step(
     run_id: Annotated[str, Field(pattern=_ID_PATTERN, description="The step's run.")],
     step_id: Annotated[str, Field(pattern=_ID_PATTERN, description="The step to re-enqueue.")],
     dry_run: Annotated[bool, Field(description="Only report what would be done.")] = True,
-) -> RetryStepResult:
-    """Observe the step (database and queue), ask the guard, call the gateway, check it is queued, report.
+) -> RetryStep:
+    """Observe the step (database and queue), call the gateway (guarded), check it is queued, report.
 
     Args:
         run_id: The step's run (letters, digits, `_.:-`).
@@ -475,65 +399,38 @@ def retry_step(
     validate_id(run_id, what="run id")
     validate_id(step_id, what="step id")
     settings = get_settings()
-    report = Report(title=f"retry-step {run_id}/{step_id}")
-    step = read_step_task(settings=settings, run_id=run_id, step_id=step_id)
-    where = locate_steps_task(settings=settings, step_ids=[step_id])[step_id]
-    report.add(
-        "Observed",
-        (
-            f"step `{step_id}` of run `{run_id}`: status `{step.status}`, attempts {step.attempts}"
-            if step
-            else f"run `{run_id}` has no step `{step_id}` in the database"
-        )
-        + f"; queue: {where.where}"
-        + (f" (owner {where.consumer}, idle {where.idle_ms} ms)" if where.consumer else ""),
-    )
-
-    def finish(
-        outcome: str, reason: str, changed: bool = False, where_after: str | None = None
-    ) -> RetryStepResult:
-        report.outcome = "completed" if changed else ("dry run" if outcome == "dry-run" else "no change")
-        report.publish(key="retry-step")
-        return RetryStepResult(
-            run_id=run_id,
-            step_id=step_id,
-            changed=changed,
-            outcome=outcome,
-            where_before=where.where,
-            where_after=where_after or where.where,
-            reason=reason,
-        )
-
-    if where.where in ("queued", "pending"):
-        reason = f"already {where.where} in the queue: not retried (no double work)"
-        report.add("Decided", reason)
-        return finish("already_queued", reason)
-    report.add("Decided", "re-enqueue it through the gateway")
-    verdict = check(
-        action="retry-step", target=f"{run_id}/{step_id}", dry_run=dry_run, settings=settings, cooldown_s=0
-    )
-    if not verdict.allowed:
-        report.add("Done", verdict.reason)
-        return finish("dry-run" if verdict.dry_run else "refused", verdict.reason)
-    try:
-        batch = retry_steps_task(settings=settings, targets=[(run_id, step_id)])
-    except GatewayError as e:
-        report.add("Done", f"gateway call failed: {e}")
-        report.outcome = "failed"
-        report.publish(key="retry-step")
-        raise
-    if batch.errors:
-        message = next(iter(batch.errors.values()))
-        report.add("Done", f"gateway call failed: {message}")
-        report.outcome = "failed"
-        report.publish(key="retry-step")
-        raise GatewayError(message)
-    outcome = batch.outcomes[0]
-    report.add("Done", f"gateway answered {outcome.status_code}: {outcome.outcome} {outcome.detail}".rstrip())
-    after = locate_steps_task(settings=settings, step_ids=[step_id])[step_id]
-    report.add("Verified", f"queue: {after.where}" + (f" (entry {after.entry_id})" if after.entry_id else ""))
-    if outcome.changed:
-        emit_recovery_event(action="step-retried", resource_id=f"step.{step_id}", payload={"run_id": run_id})
-    return finish(
-        outcome.outcome, f"gateway: {outcome.outcome}", changed=outcome.changed, where_after=after.where
-    )
+    title = f"retry-step {run_id}/{step_id}" + (" (dry run)" if dry_run else "")
+    with recording(RetryStep(flow=RETRY_STEP, title=title, dry_run=dry_run, run_id=run_id, step_id=step_id)) as result:
+        # observe
+        step = runs.read_step_task(settings=settings, run_id=run_id, step_id=step_id)
+        where = queue.locate_steps_task(settings=settings, step_ids=[step_id])[step_id]
+        result.where_before = result.where_after = where.where
+        result.note("observed", (f"step `{step_id}` of run `{run_id}`: status `{step.status}`, attempts {step.attempts}"
+                                 if step else f"run `{run_id}` has no step `{step_id}` in the database")
+                    + f"; queue: {where.where}"
+                    + (f" (owner {where.consumer}, idle {where.idle_ms} ms)" if where.consumer else ""))
+        # decide
+        if where.where in ("queued", "pending"):
+            result.note("decided", f"already {where.where} in the queue: not retried (no double work)")
+            result.check("step is queued or taken by a worker", True, f"{where.where} in the queue")
+            return conclude(result, key=RETRY_STEP)
+        if step is None:
+            result.blocked = f"run `{run_id}` has no step `{step_id}` in the database: nothing to re-enqueue"
+            return conclude(result, key=RETRY_STEP)
+        result.note("decided", "re-enqueue it through the gateway")
+        # act
+        batch = _retry(result, settings=settings, targets=[(run_id, step_id)], dry_run=dry_run,
+                       target=f"step/{run_id}/{step_id}")
+        if batch is None or dry_run or not batch.outcomes:
+            return conclude(result, key=RETRY_STEP)
+        result.answer, result.changed = batch.outcomes[0].outcome, batch.changed
+        # verify
+        places, status = _step_state(settings, [step_id])
+        result.where_after = places.get(step_id)
+        result.lost_retries = _count_lost(settings, {step_id: result.answer}, places, status).get(step_id, 0)
+        ok, evidence = stuck_policy.step_requeued(where=places.get(step_id, "nowhere"), step_status=status.get(step_id))
+        result.check("step is queued or taken by a worker", ok, evidence + f" (gateway: {result.answer}"
+                     + (f"; lost retry {result.lost_retries} counted)" if result.lost_retries else ")"))
+        if result.changed:
+            emit_recovery_event(action="step-retried", resource_id=f"step.{step_id}", payload={"run_id": run_id})
+    return conclude(result, key=RETRY_STEP)

@@ -5,6 +5,8 @@ lives only in a ``SecretStr`` and the request header, and is never part of a mes
 Retries of 429/502/503/504 and connection errors happen here, not as Prefect task retries, because only this
 loop can honour the server's ``Retry-After`` (capped by ``FD_GATEWAY_RETRY_AFTER_CAP_S``).
 404 and 409 are outcomes (run/step gone, already queued), not errors; 401/403 is a ``GatewayAuthError``.
+``retry_steps`` is ``@guarded`` (``dry_run=``, kill switch). A 409 for a step that is in no stream is a *lost*
+retry: ``count_lost_retries`` remembers it so the stuck-runs policy stops retrying that step in the end.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, SecretStr
 
-from tasks.errors import RecoveryError
+from tasks.connections import redis_client
+from tasks.errors import RETRY, RecoveryError
 from tasks.guard import guarded
 from tasks.settings import Settings
 
@@ -51,12 +54,15 @@ class InvalidIdError(GatewayError, ValueError):
     """A run or step id that cannot be a single, plain URL path segment."""
 
 
+RetryAnswer = Literal["retried", "not_found", "already_queued"]
+
+
 class RetryOutcome(BaseModel):
     """What one retry call did: ``retried`` re-enqueued the step; ``not_found`` / ``already_queued`` changed nothing."""
 
     run_id: str
     step_id: str
-    outcome: Literal["retried", "not_found", "already_queued"]
+    outcome: RetryAnswer
     status_code: int
     attempts: int
     detail: str = ""
@@ -224,6 +230,25 @@ class RetryBatch(BaseModel):
     outcomes: list[RetryOutcome]
     errors: dict[str, str]
 
+    @property
+    def retried(self) -> list[str]:
+        """Step ids the gateway re-enqueued."""
+        return [o.step_id for o in self.outcomes if o.changed]
+
+    @property
+    def changed(self) -> bool:
+        """Whether any step was re-enqueued (409 "already queued" and 404 change nothing)."""
+        return bool(self.retried)
+
+    def summary(self) -> str:
+        """``retried 2, already_queued 1, error 1``: the answers, counted."""
+        counts: dict[str, int] = {}
+        for o in self.outcomes:
+            counts[o.outcome] = counts.get(o.outcome, 0) + 1
+        if self.errors:
+            counts["error"] = len(self.errors)
+        return ", ".join(f"{k} {v}" for k, v in counts.items())
+
 
 @guarded("retry-steps")
 def retry_steps(*, settings: Settings, targets: Sequence[tuple[str, str]], dry_run: bool) -> RetryBatch:
@@ -246,3 +271,43 @@ def retry_steps(*, settings: Settings, targets: Sequence[tuple[str, str]], dry_r
 
 
 retry_steps_task = task(name="retry-steps", cache_policy=NO_CACHE)(retry_steps)
+
+
+# --- lost retries: "already queued", yet in no stream -----------------------------------------------------
+
+#: how long a lost-retry count is kept (a run is failed long before: max_step_retries sweeps)
+LOST_RETRY_TTL_S = 7 * 24 * 3600
+
+
+def _lost_key(settings: Settings, step_id: str) -> str:
+    return f"{settings.state_prefix}:lost-retry:{step_id}"
+
+
+def lost_retries(*, settings: Settings, step_ids: Sequence[str]) -> dict[str, int]:
+    """Per step, how many retries the gateway answered "already queued" while the step was in no stream.
+
+    Such a step is ``queued`` in the database, so the gateway never re-enqueues it and its ``attempts`` never
+    rise; the stuck-runs policy counts these against ``max_step_retries`` (the recovery's own memory, kept
+    under ``FD_STATE_PREFIX`` in Redis like the guard's cooldowns, never in FerrumDeck's tables). One MGET."""
+    ids = list(dict.fromkeys(s for s in step_ids if s))
+    if not ids:
+        return {}
+    values = redis_client(settings).mget([_lost_key(settings, s) for s in ids])
+    return {s: int(v) for s, v in zip(ids, values, strict=True) if v}
+
+
+def count_lost_retries(*, settings: Settings, step_ids: Sequence[str]) -> dict[str, int]:
+    """Count one more lost retry for each of these steps; returns the new counts (one pipelined round trip)."""
+    ids = list(dict.fromkeys(s for s in step_ids if s))
+    if not ids:
+        return {}
+    pipe = redis_client(settings).pipeline(transaction=False)
+    for step_id in ids:
+        pipe.incr(_lost_key(settings, step_id))
+        pipe.expire(_lost_key(settings, step_id), LOST_RETRY_TTL_S)
+    replies = pipe.execute()
+    return {s: int(replies[2 * i]) for i, s in enumerate(ids)}
+
+
+lost_retries_task = task(name="lost-retries", **RETRY)(lost_retries)
+count_lost_retries_task = task(name="count-lost-retries", **RETRY)(count_lost_retries)

@@ -10,6 +10,8 @@ delivery); ``steps.kind`` ('llm' | 'tool' | ...) and ``steps.model`` feed the LL
 Plain functions do the work (tests and the sandbox call them directly); the ``*_task`` objects at the bottom
 are the same functions as Prefect tasks that retry only temporary errors (connection loss, serialization
 failure, deadlock, SQLite busy), raised as ``RunsTemporaryError``; anything else is a ``RunsError``.
+The two writes a recovery makes, ``fail_runs`` and ``fail_stuck_runs``, are ``@guarded``: they need
+``dry_run=`` (a dry run returns what they would fail, changing nothing) and refuse while the kill switch is on.
 """
 
 from __future__ import annotations
@@ -330,6 +332,55 @@ def read_runs(*, settings: Settings, run_ids: Sequence[str]) -> dict[str, RunRow
     return out
 
 
+def read_run_statuses(*, settings: Settings, run_ids: Sequence[str]) -> dict[str, str]:
+    """Run id -> status now, for these runs (missing ids are absent): the set-based re-read a flow verifies
+    with after acting (one query per ``runs_batch_size`` ids, primary-key lookups only)."""
+    r = tables(settings).runs
+    return _statuses(settings, r, run_ids, what="read run statuses")
+
+
+def read_step_statuses(*, settings: Settings, step_ids: Sequence[str]) -> dict[str, str]:
+    """Step id -> status now, for these steps (missing ids are absent); one query per batch."""
+    return _statuses(settings, tables(settings).steps, step_ids, what="read step statuses")
+
+
+def _statuses(settings: Settings, table: sa.Table, ids: Sequence[str], *, what: str) -> dict[str, str]:
+    """``id -> status`` for ``ids``. On PostgreSQL each id is looked up by primary key (``unnest`` of one array
+    parameter, a scalar subquery per id): a plain ``id = ANY(:ids)`` of thousands of ids is planned as a scan of
+    the whole table (10 000 of 1 000 000 runs: ~0.3 s instead of ~0.06 s)."""
+    out: dict[str, str] = {}
+    engine = db_engine(settings)
+    postgres = engine.dialect.name == "postgresql"
+    with _errors(what), engine.connect() as conn:
+        for chunk in _chunks(list(dict.fromkeys(ids)), settings.runs_batch_size):
+            if postgres:
+                wanted = sa.func.unnest(sa.bindparam("ids", list(chunk), type_=postgresql.ARRAY(sa.Text)))
+                t = wanted.table_valued("id").render_derived(name="wanted")
+                status = sa.select(table.c.status).where(table.c.id == t.c.id).scalar_subquery()
+                stmt = sa.select(t.c.id, status).select_from(t)
+            else:
+                stmt = sa.select(table.c.id, table.c.status).where(table.c.id.in_(list(chunk)))
+            out.update((key, value) for key, value in conn.execute(stmt).all() if value is not None)
+    return out
+
+
+def still_running(*, settings: Settings, run_ids: Sequence[str], cutoff: datetime) -> list[str]:
+    """Which of these runs are still ``running`` since before ``cutoff`` (the verify of a fail: expected none).
+
+    Read through the (status, started_at, id) index with the ids as a filter, so its cost follows the runs still
+    stuck, not the number of ids nor the size of the table (10 000 ids of 1 000 000 runs: ~10 ms)."""
+    r = tables(settings).runs
+    out: list[str] = []
+    engine = db_engine(settings)
+    with _errors("re-read failed runs"), engine.connect() as conn:
+        for chunk in _chunks(list(dict.fromkeys(run_ids)), settings.runs_batch_size):
+            stmt = sa.select(r.c.id).where(
+                r.c.status == RUNNING, r.c.started_at < _aware(cutoff), _id_in(r.c.id, chunk, engine.dialect.name)
+            )
+            out += conn.execute(stmt).scalars().all()
+    return out
+
+
 def read_step(*, settings: Settings, run_id: str, step_id: str) -> StepRow | None:
     """One step of one run, or None when the run has no such step."""
     s = tables(settings).steps
@@ -589,5 +640,8 @@ find_unfinished_steps_task = task(name="find-run-steps", **_TASK_OPTIONS)(find_u
 read_runs_task = task(name="read-runs", **_TASK_OPTIONS)(read_runs)
 count_stuck_runs_task = task(name="count-stuck-runs", **_TASK_OPTIONS)(count_stuck_runs)
 read_step_task = task(name="read-step", **_TASK_OPTIONS)(read_step)
+read_run_statuses_task = task(name="read-run-statuses", **_TASK_OPTIONS)(read_run_statuses)
+read_step_statuses_task = task(name="read-step-statuses", **_TASK_OPTIONS)(read_step_statuses)
+still_running_task = task(name="still-running", **_TASK_OPTIONS)(still_running)
 fail_runs_task = task(name="fail-runs", **_TASK_OPTIONS)(fail_runs)
 fail_stuck_runs_task = task(name="fail-stuck-runs", **_TASK_OPTIONS)(fail_stuck_runs)

@@ -63,14 +63,14 @@ def test_fail_changes_exactly_the_stuck_runs_and_is_idempotent(runs_settings):
     _seed(runs_settings)
     ids = runs.find_stuck_runs(settings=runs_settings, cutoff=ago(30))
     asked = ids + ["run_recent", "run_done", "run_missing"]
-    result = runs.fail_runs(settings=runs_settings, run_ids=asked, cutoff=ago(30))
+    result = runs.fail_runs(settings=runs_settings, run_ids=asked, cutoff=ago(30), dry_run=False)
     assert sorted(result.changed) == sorted(ids)
     assert sorted(result.unchanged) == ["run_done", "run_missing", "run_recent"]
     now = runs.read_runs(settings=runs_settings, run_ids=asked)
     assert all(now[i].status == "failed" and now[i].error == runs.WORKER_TIMEOUT for i in ids)
     assert all(now[i].completed_at is not None for i in ids)
     assert now["run_recent"].status == "running" and now["run_done"].status == "completed"
-    again = runs.fail_runs(settings=runs_settings, run_ids=asked, cutoff=ago(30))
+    again = runs.fail_runs(settings=runs_settings, run_ids=asked, cutoff=ago(30), dry_run=False)
     assert again.changed == [] and statuses(runs_settings) == {i: r.status for i, r in now.items()} | {
         "run_failed": "failed",
         "run_nostart": "running",
@@ -90,7 +90,7 @@ def test_run_completed_between_find_and_fail_keeps_its_status(runs_settings):
                 .where(r.c.id == "run_s1")
                 .values(status="completed", completed_at=datetime.now(UTC))
             )
-        result = runs.fail_runs(settings=runs_settings, run_ids=found, cutoff=ago(30))
+        result = runs.fail_runs(settings=runs_settings, run_ids=found, cutoff=ago(30), dry_run=False)
     finally:
         other.dispose()
     assert "run_s1" not in result.changed and result.unchanged == ["run_s1"]
@@ -113,7 +113,7 @@ def test_fail_waits_for_a_concurrent_completion_and_then_skips_it(runs_settings)
             conn.execute(sa.update(r).where(r.c.id == "run_s2").values(status="completed"))
             worker = threading.Thread(
                 target=lambda: result.update(
-                    res=runs.fail_runs(settings=runs_settings, run_ids=found, cutoff=ago(30))
+                    res=runs.fail_runs(settings=runs_settings, run_ids=found, cutoff=ago(30), dry_run=False)
                 )
             )
             worker.start()
@@ -141,11 +141,11 @@ def test_fail_waits_for_a_concurrent_completion_and_then_skips_it(runs_settings)
 @pytest.mark.parametrize("hostile", ["../admin", "run_1; DROP TABLE runs", "' OR '1'='1", "run_s0' --"])
 def test_hostile_run_ids_are_plain_values(runs_settings, hostile):
     _seed(runs_settings, n_stuck=2)
-    result = runs.fail_runs(settings=runs_settings, run_ids=[hostile], cutoff=None)
+    result = runs.fail_runs(settings=runs_settings, run_ids=[hostile], cutoff=None, dry_run=False)
     assert result.changed == [] and result.unchanged == [hostile]
     assert statuses(runs_settings)["run_s0"] == "running"  # nothing else touched, table still there
     add_runs(runs_settings, [{"id": hostile, "status": "running", "started_at": ago(45)}])
-    assert runs.fail_runs(settings=runs_settings, run_ids=[hostile], cutoff=ago(30)).changed == [hostile]
+    assert runs.fail_runs(settings=runs_settings, run_ids=[hostile], cutoff=ago(30), dry_run=False).changed == [hostile]
     assert statuses(runs_settings)[hostile] == "failed" and statuses(runs_settings)["run_s1"] == "running"
 
 
@@ -183,7 +183,7 @@ def test_worker_records_and_a_failed_run_keeps_its_error(runs_settings):
     runs.record_step_running(
         settings=runs_settings, run_id="run_w", step_id="st_w", kind="llm", model="openai/gpt-4o"
     )
-    assert runs.fail_runs(settings=runs_settings, run_ids=["run_w"], cutoff=None).changed == ["run_w"]
+    assert runs.fail_runs(settings=runs_settings, run_ids=["run_w"], cutoff=None, dry_run=False).changed == ["run_w"]
     runs.record_step_finished(settings=runs_settings, run_id="run_w", step_id="st_w", status="completed")
     run = runs.read_runs(settings=runs_settings, run_ids=["run_w"])["run_w"]
     assert run.status == "failed" and run.error == runs.WORKER_TIMEOUT
@@ -290,7 +290,7 @@ def _fail_in_a_flow(settings, run_ids):
     @flow
     def fail_flow():
         return runs.fail_runs_task.with_options(retry_delay_seconds=0)(
-            settings=settings, run_ids=run_ids, cutoff=ago(30)
+            settings=settings, run_ids=run_ids, cutoff=ago(30), dry_run=False
         )
 
     return fail_flow()
@@ -334,7 +334,7 @@ def test_a_step_finished_without_error_stores_sql_null_not_json_null(runs_settin
 def test_fail_stuck_runs_fails_the_oldest_up_to_limit_and_is_idempotent(runs_settings):
     _seed(runs_settings)  # run_s6 is the oldest stuck run, run_s0 the youngest
     when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    first = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=4, error=None, now=when)
+    first = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=4, error=None, now=when, dry_run=False)
     assert first == ["run_s6", "run_s5", "run_s4", "run_s3"]
     now = runs.read_runs(settings=runs_settings, run_ids=first)
     assert all(now[i].status == "failed" and now[i].error == runs.WORKER_TIMEOUT for i in first)
@@ -347,11 +347,11 @@ def test_fail_stuck_runs_fails_the_oldest_up_to_limit_and_is_idempotent(runs_set
         "run_nostart": "running",  # no started_at: never matches the cutoff
     }
     custom = {"code": "OPERATOR_SWEEP", "message": "failed by on-call"}
-    rest = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=100, error=custom)
+    rest = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=100, error=custom, dry_run=False)
     assert rest == ["run_s2", "run_s1", "run_s0"]
     assert runs.read_runs(settings=runs_settings, run_ids=["run_s0"])["run_s0"].error == custom
     before = runs.read_runs(settings=runs_settings, run_ids=list(statuses(runs_settings)))
-    assert runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=100, error=None) == []
+    assert runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=100, error=None, dry_run=False) == []
     assert runs.read_runs(settings=runs_settings, run_ids=list(before)) == before  # nothing rewritten
     assert runs.read_runs(settings=runs_settings, run_ids=["run_s6"])["run_s6"].error == runs.WORKER_TIMEOUT
 
@@ -359,7 +359,7 @@ def test_fail_stuck_runs_fails_the_oldest_up_to_limit_and_is_idempotent(runs_set
 def test_fail_stuck_runs_breaks_equal_start_times_by_id(runs_settings):
     same = ago(60)
     add_runs(runs_settings, [{"id": f"run_{c}", "status": "running", "started_at": same} for c in "edcba"])
-    assert runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=3, error=None) == [
+    assert runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=3, error=None, dry_run=False) == [
         "run_a",
         "run_b",
         "run_c",
@@ -377,7 +377,7 @@ def test_fail_stuck_runs_leaves_a_run_completed_by_another_connection(runs_setti
     try:
         with other.begin() as conn:
             conn.execute(sa.update(r).where(r.c.id == "run_s1").values(status="completed"))
-        changed = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=3, error=None)
+        changed = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=3, error=None, dry_run=False)
     finally:
         other.dispose()
     assert changed == ["run_s2", "run_s0"]  # the limit is not spent on the completed run
@@ -399,7 +399,7 @@ def test_fail_stuck_runs_skips_a_run_locked_by_a_concurrent_completion(runs_sett
             conn.execute(sa.update(r).where(r.c.id == "run_s1").values(status="completed"))
             worker = threading.Thread(
                 target=lambda: result.update(
-                    ids=runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=10, error=None)
+                    ids=runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=10, error=None, dry_run=False)
                 )
             )
             worker.start()
@@ -431,7 +431,7 @@ def test_two_concurrent_fail_stuck_runs_split_the_runs(runs_settings):
         with other.connect() as conn:
             tx = conn.begin()
             first = [row[0] for row in conn.execute(stmt)]  # the first sweep, still open
-            second = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=2, error=None)
+            second = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=2, error=None, dry_run=False)
             tx.commit()
     finally:
         other.dispose()
@@ -442,10 +442,10 @@ def test_two_concurrent_fail_stuck_runs_split_the_runs(runs_settings):
 def test_fail_stuck_runs_refuses_bad_arguments_before_touching_anything(runs_settings):
     _seed(runs_settings, n_stuck=2)
     with pytest.raises(runs.RunsError, match="limit must be >= 1"):
-        runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=0, error=None)
+        runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=0, error=None, dry_run=False)
     with pytest.raises(runs.RunsError, match="timezone-aware"):
         runs.fail_stuck_runs(
-            settings=runs_settings, cutoff=datetime.now() - timedelta(minutes=30), limit=5, error=None
+            settings=runs_settings, cutoff=datetime.now() - timedelta(minutes=30), limit=5, error=None, dry_run=False
         )
     assert statuses(runs_settings)["run_s0"] == statuses(runs_settings)["run_s1"] == "running"
 
@@ -458,7 +458,7 @@ def test_fail_stuck_runs_task_retries_a_lost_connection_but_not_a_permanent_erro
 
     @flow
     def sweep():
-        return task(settings=runs_settings, cutoff=ago(30), limit=10, error=None)
+        return task(settings=runs_settings, cutoff=ago(30), limit=10, error=None, dry_run=False)
 
     lost = sa.exc.OperationalError(
         "UPDATE", {}, Exception("server closed the connection unexpectedly"), connection_invalidated=True
@@ -493,3 +493,61 @@ def test_explain_fail_stuck_runs_uses_the_status_started_at_index(runs_settings)
         plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {compiled}", params))
     assert "FOR UPDATE SKIP LOCKED" in str(compiled) and "LockRows" in plan and "InitPlan" in plan, plan
     assert f"ix_{r}_status_started_at" in plan and "Seq Scan" not in plan, plan
+
+
+# --- the guard and the verifying re-reads ------------------------------------------------------------------
+
+
+def test_dry_runs_preview_what_they_would_fail_and_change_nothing(runs_settings):
+    _seed(runs_settings, n_stuck=3)
+    before = runs.read_runs(settings=runs_settings, run_ids=list(statuses(runs_settings)))
+    asked = ["run_s0", "run_s2", "run_recent", "run_done", "run_missing"]
+    preview = runs.fail_runs(settings=runs_settings, run_ids=asked, cutoff=ago(30), dry_run=True)
+    assert preview.would_change == ["run_s0", "run_s2"] and preview.changed == []
+    assert sorted(preview.unchanged) == ["run_done", "run_missing", "run_recent"]
+    oldest = runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=2, error=None, dry_run=True)
+    assert oldest == ["run_s2", "run_s1"]
+    assert runs.read_runs(settings=runs_settings, run_ids=list(before)) == before  # not a byte changed
+
+
+def test_kill_switch_refuses_both_fails_and_changes_nothing(runs_settings):
+    from prefect.variables import Variable
+
+    from tasks.errors import Refused
+
+    _seed(runs_settings, n_stuck=2)
+    before = runs.read_runs(settings=runs_settings, run_ids=list(statuses(runs_settings)))
+    Variable.set(runs_settings.kill_switch_variable, True, overwrite=True)
+    try:
+        with pytest.raises(Refused, match="kill switch"):
+            runs.fail_runs(settings=runs_settings, run_ids=["run_s0"], cutoff=None, dry_run=False)
+        with pytest.raises(Refused, match="kill switch"):
+            runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=5, error=None, dry_run=False)
+        # a dry run is still allowed: it changes nothing
+        assert runs.fail_stuck_runs(settings=runs_settings, cutoff=ago(30), limit=5, dry_run=True) == [
+            "run_s1", "run_s0"]
+    finally:
+        Variable.unset(runs_settings.kill_switch_variable)
+    assert runs.read_runs(settings=runs_settings, run_ids=list(before)) == before
+
+
+def test_status_reads_are_set_based_and_batched(runs_settings):
+    s = runs_settings.model_copy(update={"runs_batch_size": 2})  # 5 ids -> 3 batches, one answer
+    _seed(s, n_stuck=3)
+    add_steps(s, [{"id": "st_a", "run_id": "run_s0", "status": "queued"},
+                  {"id": "st_b", "run_id": "run_s1", "status": "completed"}])
+    got = runs.read_run_statuses(settings=s, run_ids=["run_s0", "run_s1", "run_done", "run_failed", "run_missing",
+                                                      "run_s0"])
+    assert got == {"run_s0": "running", "run_s1": "running", "run_done": "completed", "run_failed": "failed"}
+    assert runs.read_step_statuses(settings=s, step_ids=["st_a", "st_b", "st_x"]) == {
+        "st_a": "queued", "st_b": "completed"}
+    assert runs.read_run_statuses(settings=s, run_ids=[]) == {}
+
+
+def test_still_running_names_only_the_given_runs_that_still_match_the_stuck_predicate(runs_settings):
+    s = runs_settings.model_copy(update={"runs_batch_size": 2})
+    _seed(s, n_stuck=4)
+    runs.fail_runs(settings=s, run_ids=["run_s0", "run_s1"], cutoff=None, dry_run=False)
+    asked = ["run_s0", "run_s1", "run_s2", "run_recent", "run_done", "run_missing"]
+    assert sorted(runs.still_running(settings=s, run_ids=asked, cutoff=ago(30))) == ["run_s2"]  # not run_s3
+    assert runs.still_running(settings=s, run_ids=[], cutoff=ago(30)) == []

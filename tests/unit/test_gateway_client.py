@@ -152,8 +152,8 @@ def test_missing_key_is_a_clear_error():
 
 
 @respx.mock
-def test_batch_reports_per_step_errors_but_stops_on_auth(gw_settings):
-    respx.route(path__startswith="/api/").pass_through()  # the guard reads the kill switch from Prefect
+def test_batch_reports_per_step_errors_but_stops_on_auth(gw_settings, mocker):
+    mocker.patch("tasks.guard.kill_switch_engaged", return_value=False)  # the guard's Prefect read: no server here
     respx.post(BASE + "/v1/runs/r1/steps/a/retry").mock(return_value=httpx.Response(202))
     respx.post(BASE + "/v1/runs/r1/steps/b/retry").mock(return_value=httpx.Response(500))
     respx.post(BASE + "/v1/runs/r2/steps/c/retry").mock(return_value=httpx.Response(404))
@@ -177,3 +177,35 @@ def test_explicit_key_argument_wins(gw_settings):
         route = respx.post(BASE + PATH).mock(return_value=httpx.Response(202))
         retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", api_key=SecretStr("other"))
     assert route.calls[0].request.headers["authorization"] == "Bearer other"
+
+
+def test_batch_says_whether_anything_changed():
+    """409 (already queued) and 404 change nothing: a batch of those is an unchanged action, not a done one."""
+    from tasks.gateway import RetryBatch, RetryOutcome
+
+    def answer(step: str, outcome: str) -> RetryOutcome:
+        return RetryOutcome(run_id="r", step_id=step, outcome=outcome, status_code=202, attempts=1)
+
+    nothing = RetryBatch(outcomes=[answer("a", "already_queued"), answer("b", "not_found")], errors={"r/c": "HTTP 500"})
+    assert not nothing.changed and nothing.retried == []
+    assert nothing.summary() == "already_queued 1, not_found 1, error 1"
+    some = RetryBatch(outcomes=[answer("a", "already_queued"), answer("b", "retried")], errors={})
+    assert some.changed and some.retried == ["b"]
+
+
+def test_dry_run_calls_nothing(gw_settings):
+    with respx.mock:
+        route = respx.post(url__startswith=BASE).mock(return_value=httpx.Response(202))
+        out = retry_steps(settings=gw_settings, targets=[("r1", "a")], dry_run=True)
+    assert route.call_count == 0 and out.outcomes == [] and not out.changed
+
+
+def test_kill_switch_refuses_before_any_request(gw_settings, mocker):
+    from tasks.errors import Refused
+
+    mocker.patch("tasks.guard.kill_switch_engaged", return_value=True)
+    with respx.mock:
+        route = respx.post(url__startswith=BASE).mock(return_value=httpx.Response(202))
+        with pytest.raises(Refused, match="kill switch"):
+            retry_steps(settings=gw_settings, targets=[("r1", "a")], dry_run=False)
+    assert route.call_count == 0

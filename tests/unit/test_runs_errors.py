@@ -86,6 +86,20 @@ def test_table_names_come_from_settings_and_are_cached():
     assert [tuple(i.columns.keys()) for i in t.runs.indexes] == [("status", "started_at", "id")]
 
 
-def test_empty_fail_does_nothing_without_a_database():
+def test_empty_fail_does_nothing_without_a_database(mocker):
+    mocker.patch("tasks.guard.kill_switch_engaged", return_value=False)  # the guard's Prefect read, not tested here
     s = Settings(database_url="postgresql://nobody@127.0.0.1:1/none")
     assert runs.fail_runs(settings=s, run_ids=[], cutoff=None, dry_run=False).requested == 0
+    assert runs.fail_runs(settings=s, run_ids=[], cutoff=None, dry_run=True).requested == 0
+
+
+def test_runs_errors_share_the_one_error_root_and_its_temporary_flag():
+    """Issue 11: every module (recovery's settling of runs too) must see a lost database as temporary."""
+    from tasks.errors import RecoveryError, is_temporary
+
+    assert issubclass(runs.RunsError, RecoveryError)
+    assert is_temporary(runs.RunsTemporaryError("x")) and not is_temporary(runs.RunsError("x"))
+    refused = _wrapped(sa.exc.OperationalError, Exception('connection to server at "127.0.0.1", port 9 failed'))
+    with pytest.raises(runs.RunsError) as info, runs._errors("find stuck runs"):
+        raise refused
+    assert is_temporary(info.value)  # a database that refuses connections is retried, then reported
