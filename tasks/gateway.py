@@ -150,7 +150,7 @@ def backoff_delay(*, settings: Settings, attempt: int, retry_after: float | None
     return settings.gateway_backoff_s * (2 ** (attempt - 1))
 
 
-def retry_step(
+def _retry_step(
     *,
     settings: Settings,
     run_id: str,
@@ -262,7 +262,7 @@ def retry_steps(*, settings: Settings, targets: Sequence[tuple[str, str]], dry_r
     errors: dict[str, str] = {}
     for run_id, step_id in targets:
         try:
-            outcomes.append(retry_step(settings=settings, run_id=run_id, step_id=step_id, api_key=key))
+            outcomes.append(_retry_step(settings=settings, run_id=run_id, step_id=step_id, api_key=key))
         except GatewayAuthError:
             raise
         except GatewayError as e:

@@ -25,8 +25,8 @@ from typing import Any, TypedDict
 import sqlalchemy as sa
 from prefect import task
 from pydantic import BaseModel
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
 
 from tasks.connections import db_engine
 from tasks.errors import RETRY, RecoveryError
@@ -538,97 +538,6 @@ def llm_failures_by_model(*, settings: Settings, since: datetime) -> dict[str, M
         rows = conn.execute(stmt).all()
     return {model: ModelFailures(failed=int(f or 0), total=int(t)) for model, f, t in rows}
 
-
-# --- writes used by the gateway and the sandbox ----------------------------------------------------------
-
-
-def requeue_step(*, settings: Settings, run_id: str, step_id: str) -> StepRow | None:
-    """Mark a step ``queued`` and count the attempt, unless it is already queued/pending or its run ended.
-
-    Returns the updated step, or None when nothing changed (the caller tells "unknown" from "already queued").
-    One conditional UPDATE, so two concurrent retries cannot both win.
-    """
-    t = tables(settings)
-    s, r = t.steps, t.runs
-    run_running = sa.exists().where(r.c.id == run_id, r.c.status == RUNNING)
-    stmt = (
-        sa.update(s)
-        .where(s.c.id == step_id, s.c.run_id == run_id, s.c.status.not_in(QUEUED_STEP_STATUSES), run_running)
-        .values(status="queued", attempts=s.c.attempts + 1, completed_at=None, error=None)
-        .returning(s.c.id, s.c.run_id, s.c.status, s.c.kind, s.c.model, s.c.attempts, s.c.started_at)
-    )
-    with _errors("requeue a step"), db_engine(settings).begin() as conn:
-        row = conn.execute(stmt).mappings().first()
-    return StepRow.model_validate(dict(row)) if row else None
-
-
-def _upsert(conn: Connection, table: sa.Table, values: dict[str, Any], update: dict[str, Any]) -> None:
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(table).values(**values)
-    conn.execute(stmt.on_conflict_do_update(index_elements=[table.c.id], set_=update))
-
-
-def record_step_running(
-    *,
-    settings: Settings,
-    run_id: str,
-    step_id: str,
-    kind: str | None = None,
-    model: str | None = None,
-    agent_version_id: str | None = None,
-    now: datetime | None = None,
-) -> None:
-    """A worker took a step: the run is ``running`` (kept started_at if known) and the step ``running``."""
-    t = tables(settings)
-    now = now or datetime.now(UTC)
-    with _errors("record a running step"), db_engine(settings).begin() as conn:
-        _upsert(
-            conn,
-            t.runs,
-            {"id": run_id, "status": RUNNING, "started_at": now, "agent_version_id": agent_version_id},
-            {"status": RUNNING, "started_at": sa.func.coalesce(t.runs.c.started_at, now)},
-        )
-        _upsert(
-            conn,
-            t.steps,
-            {
-                "id": step_id,
-                "run_id": run_id,
-                "status": RUNNING,
-                "kind": kind,
-                "model": model,
-                "started_at": now,
-            },
-            {"status": RUNNING, "kind": kind, "model": model, "started_at": now, "completed_at": None},
-        )
-
-
-def record_step_finished(
-    *,
-    settings: Settings,
-    run_id: str,
-    step_id: str,
-    status: str = "completed",
-    error: dict[str, Any] | None = None,
-    finish_run: bool = True,
-    now: datetime | None = None,
-) -> None:
-    """A worker finished a step (``completed`` or ``failed``); with ``finish_run`` the run ends the same way,
-    but only if it is still ``running`` (a run the sweep already failed keeps its error)."""
-    t = tables(settings)
-    now = now or datetime.now(UTC)
-    with _errors("record a finished step"), db_engine(settings).begin() as conn:
-        conn.execute(
-            sa.update(t.steps)
-            .where(t.steps.c.id == step_id, t.steps.c.run_id == run_id)
-            .values(status=status, error=error, completed_at=now)
-        )
-        if finish_run:
-            conn.execute(
-                sa.update(t.runs)
-                .where(t.runs.c.id == run_id, t.runs.c.status == RUNNING)
-                .values(status=status, error=error, completed_at=now)
-            )
 
 
 # --- Prefect tasks (the same functions, retried only on temporary errors) --------------------------------

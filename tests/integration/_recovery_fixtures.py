@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from tasks import runs
 from tasks.guard import pod_deletion_budget
 from tasks.settings import Settings, use_settings
+from tests.integration import runs_fixtures as rf_worker
 from tests.polling import wait_for
 
 
@@ -100,7 +101,7 @@ def seed_pending(
             client.xclaim(settings.stream, settings.group, consumer, 0, [ids[index]])
     started = run_started or datetime.now(UTC) - timedelta(minutes=1)
     for fields in steps:
-        runs.record_step_running(settings=settings, run_id=fields["run_id"], step_id=fields["step_id"], kind="llm",
+        rf_worker.record_step_running(settings=settings, run_id=fields["run_id"], step_id=fields["step_id"], kind="llm",
                                  now=started)
     return steps
 
@@ -179,7 +180,7 @@ class ReplacementConsumer:
                                              {self.settings.stream: ">"}, count=100)
                 for _, batch in got:
                     for _, fields in batch:
-                        runs.record_step_finished(settings=self.settings, run_id=fields.get("run_id", ""),
+                        rf_worker.record_step_finished(settings=self.settings, run_id=fields.get("run_id", ""),
                                                   step_id=fields.get("step_id", ""))
                     if batch:
                         self.client.xack(self.settings.stream, self.settings.group, *[i for i, _ in batch])

@@ -11,10 +11,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 
 from sandbox.gateway import GatewayServer
 from tasks import runs
@@ -100,3 +103,75 @@ def statuses(settings: Settings) -> dict[str, str]:
     r = runs.tables(settings).runs
     with db_engine(settings).connect() as conn:
         return dict(conn.execute(sa.select(r.c.id, r.c.status)).all())
+
+
+# --- what a FerrumDeck worker writes (test doubles of the workers, not product code) -----------------
+
+
+def _upsert(conn: Connection, table: sa.Table, values: dict[str, Any], update: dict[str, Any]) -> None:
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(table).values(**values)
+    conn.execute(stmt.on_conflict_do_update(index_elements=[table.c.id], set_=update))
+
+
+def record_step_running(
+    *,
+    settings: Settings,
+    run_id: str,
+    step_id: str,
+    kind: str | None = None,
+    model: str | None = None,
+    agent_version_id: str | None = None,
+    now: datetime | None = None,
+) -> None:
+    """A worker took a step: the run is ``running`` (kept started_at if known) and the step ``running``."""
+    t = runs.tables(settings)
+    now = now or datetime.now(UTC)
+    with db_engine(settings).begin() as conn:
+        _upsert(
+            conn,
+            t.runs,
+            {"id": run_id, "status": runs.RUNNING, "started_at": now, "agent_version_id": agent_version_id},
+            {"status": runs.RUNNING, "started_at": sa.func.coalesce(t.runs.c.started_at, now)},
+        )
+        _upsert(
+            conn,
+            t.steps,
+            {
+                "id": step_id,
+                "run_id": run_id,
+                "status": runs.RUNNING,
+                "kind": kind,
+                "model": model,
+                "started_at": now,
+            },
+            {"status": runs.RUNNING, "kind": kind, "model": model, "started_at": now, "completed_at": None},
+        )
+
+
+def record_step_finished(
+    *,
+    settings: Settings,
+    run_id: str,
+    step_id: str,
+    status: str = "completed",
+    error: dict[str, Any] | None = None,
+    finish_run: bool = True,
+    now: datetime | None = None,
+) -> None:
+    """A worker finished a step (``completed`` or ``failed``); with ``finish_run`` the run ends the same way,
+    but only if it is still ``running`` (a run the sweep already failed keeps its error)."""
+    t = runs.tables(settings)
+    now = now or datetime.now(UTC)
+    with db_engine(settings).begin() as conn:
+        conn.execute(
+            sa.update(t.steps)
+            .where(t.steps.c.id == step_id, t.steps.c.run_id == run_id)
+            .values(status=status, error=error, completed_at=now)
+        )
+        if finish_run:
+            conn.execute(
+                sa.update(t.runs)
+                .where(t.runs.c.id == run_id, t.runs.c.status == runs.RUNNING)
+                .values(status=status, error=error, completed_at=now)
+            )

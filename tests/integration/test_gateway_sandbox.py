@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from tasks import runs
 from tasks.connections import db_engine
-from tasks.gateway import GatewayTemporaryError, retry_step
+from tasks.gateway import GatewayTemporaryError, _retry_step
 from tests.integration import runs_fixtures as rf
 from tests.integration.runs_fixtures import GATEWAY_KEY, add_runs, add_steps, ago
 
@@ -168,7 +168,7 @@ def test_client_retries_503_then_succeeds_honouring_capped_retry_after(seeded, g
     gateway_server.inject_fault(status=503, times=2, retry_after="1")
     slept: list[float] = []
     calls = gateway_server.stats["calls"]
-    out = retry_step(settings=seeded, run_id="run_1", step_id="st_1", sleep=slept.append)
+    out = _retry_step(settings=seeded, run_id="run_1", step_id="st_1", sleep=slept.append)
     assert out.outcome == "retried" and out.attempts == 3
     assert slept == [seeded.gateway_retry_after_cap_s] * 2  # Retry-After 1 s, capped by the setting
     assert gateway_server.stats["calls"] - calls == 3 and redis.xlen(seeded.stream) == 1
@@ -178,7 +178,7 @@ def test_client_honours_retry_after_below_the_cap(seeded, gateway_server):
     gateway_server.inject_fault(status=429, times=1, retry_after="1")
     slept: list[float] = []
     s = seeded.model_copy(update={"gateway_retry_after_cap_s": 30.0})
-    assert retry_step(settings=s, run_id="run_1", step_id="st_1", sleep=slept.append).changed
+    assert _retry_step(settings=s, run_id="run_1", step_id="st_1", sleep=slept.append).changed
     assert slept == [1.0]
 
 
@@ -186,6 +186,6 @@ def test_backend_failure_is_503_and_the_client_gives_up_clearly(seeded, gateway_
     runs.drop_schema(settings=seeded)  # the runs database loses its tables: the gateway answers 503
     try:
         with pytest.raises(GatewayTemporaryError, match="HTTP 503 after"):
-            retry_step(settings=seeded, run_id="run_1", step_id="st_1", sleep=lambda s: None)
+            _retry_step(settings=seeded, run_id="run_1", step_id="st_1", sleep=lambda s: None)
     finally:
         runs.create_schema(settings=seeded)

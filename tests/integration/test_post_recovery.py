@@ -14,10 +14,10 @@ from prefect.flow_runs import resume_flow_run
 from deployments.bridge import BridgeSettings, create_app
 from flows.post_recovery_check import ALERTING, PREVENTION, ROOT_CAUSE, post_recovery_check
 from sandbox.http_server import serve_app
-from tasks import runs
 from tasks.outcome import Outcome
 from tasks.settings import use_settings
 from tests.integration import _recovery_fixtures as fx
+from tests.integration import runs_fixtures as rf_worker
 from tests.integration._recovery_fixtures import worker_pods
 from tests.integration.test_mcp_recovery import report_of
 
@@ -88,7 +88,7 @@ def test_failures_name_the_pod_the_backlog_the_stuck_run_and_the_missing_heartbe
     cluster.crash_loop(bad)
     for i in range(5):
         redis.xadd(s.stream, {"job_id": f"j{i}", "run_id": f"r{i}", "step_id": f"j{i}"})
-    runs.record_step_running(settings=s, run_id="run_stuck_1", step_id="step_stuck_1",
+    rf_worker.record_step_running(settings=s, run_id="run_stuck_1", step_id="step_stuck_1",
                              now=datetime.now(UTC) - timedelta(hours=2))
     silent = serve_app(create_app(BridgeSettings(token=TOKEN)), name="bridge-silent")  # never saw a heartbeat
     try:

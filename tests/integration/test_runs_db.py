@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from tasks import runs
 from tasks.connections import db_engine
 from tests.integration import runs_fixtures as rf
+from tests.integration import runs_fixtures as rf_worker
 from tests.integration.runs_fixtures import add_runs, add_steps, ago, statuses
 
 sqlite_url = rf.sqlite_url
@@ -165,26 +166,12 @@ def test_unfinished_steps_by_run(runs_settings):
     assert got["run_recent"] == []
 
 
-def test_requeue_step_is_conditional(runs_settings):
-    _seed(runs_settings, n_stuck=1)
-    add_steps(runs_settings, [{"id": "st_1", "run_id": "run_s0", "status": "running", "started_at": ago(45)}])
-    first = runs.requeue_step(settings=runs_settings, run_id="run_s0", step_id="st_1")
-    assert first is not None and first.status == "queued" and first.attempts == 1
-    assert (
-        runs.requeue_step(settings=runs_settings, run_id="run_s0", step_id="st_1") is None
-    )  # already queued
-    assert runs.requeue_step(settings=runs_settings, run_id="run_other", step_id="st_1") is None  # wrong run
-    runs.record_step_finished(settings=runs_settings, run_id="run_s0", step_id="st_1", status="failed")
-    assert statuses(runs_settings)["run_s0"] == "failed"
-    assert runs.requeue_step(settings=runs_settings, run_id="run_s0", step_id="st_1") is None  # run ended
-
-
 def test_worker_records_and_a_failed_run_keeps_its_error(runs_settings):
-    runs.record_step_running(
+    rf_worker.record_step_running(
         settings=runs_settings, run_id="run_w", step_id="st_w", kind="llm", model="openai/gpt-4o"
     )
     assert runs.fail_runs(settings=runs_settings, run_ids=["run_w"], cutoff=None, dry_run=False).changed == ["run_w"]
-    runs.record_step_finished(settings=runs_settings, run_id="run_w", step_id="st_w", status="completed")
+    rf_worker.record_step_finished(settings=runs_settings, run_id="run_w", step_id="st_w", status="completed")
     run = runs.read_runs(settings=runs_settings, run_ids=["run_w"])["run_w"]
     assert run.status == "failed" and run.error == runs.WORKER_TIMEOUT
 
@@ -318,8 +305,8 @@ def test_permanent_errors_are_not_retried(runs_settings, mocker):
 
 
 def test_a_step_finished_without_error_stores_sql_null_not_json_null(runs_settings):
-    runs.record_step_running(settings=runs_settings, run_id="run_ok", step_id="step_ok", kind="llm")
-    runs.record_step_finished(settings=runs_settings, run_id="run_ok", step_id="step_ok", status="completed")
+    rf_worker.record_step_running(settings=runs_settings, run_id="run_ok", step_id="step_ok", kind="llm")
+    rf_worker.record_step_finished(settings=runs_settings, run_id="run_ok", step_id="step_ok", status="completed")
     t = runs.tables(runs_settings)
     with db_engine(runs_settings).connect() as conn:
         null_errors = conn.execute(

@@ -25,6 +25,7 @@ from tasks.gateway import InvalidIdError
 from tasks.outcome import ActionStatus, Outcome
 from tasks.settings import use_settings
 from tests.integration import runs_fixtures as rf
+from tests.integration import runs_fixtures as rf_worker
 from tests.integration.runs_fixtures import GATEWAY_KEY, add_runs, add_steps, ago, statuses
 from tests.polling import wait_for
 
@@ -380,7 +381,7 @@ def test_fail_run_of_a_run_that_finishes_meanwhile_is_an_unchanged_no_op(world, 
         seen = real(**kwargs)
         if not mocker_state["finished"]:  # the worker completes the run right after the flow looked
             mocker_state["finished"] = True
-            runs.record_step_finished(settings=world, run_id="run_live", step_id="st_live", status="completed")
+            rf_worker.record_step_finished(settings=world, run_id="run_live", step_id="st_live", status="completed")
         return seen
 
     mocker_state = {"finished": False}

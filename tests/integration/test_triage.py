@@ -15,10 +15,10 @@ from starlette.routing import Route
 from flows.triage import worker_failure_triage
 from sandbox.http_server import serve_app
 from sandbox.mcp import MCPServer
-from tasks import runs
 from tasks.outcome import ActionStatus, Outcome
 from tasks.settings import use_settings
 from tests.integration import _recovery_fixtures as fx
+from tests.integration import runs_fixtures as rf_worker
 from tests.integration._recovery_fixtures import (
     ReplacementConsumer,
     deletions,
@@ -77,7 +77,7 @@ def assert_crash_recovered(redis, cluster, s, a, steps) -> None:
 def test_dry_run_publishes_the_plan_and_changes_nothing(env, cluster, redis):
     s = env
     a, steps = crashed_worker(cluster, redis, s)
-    runs.record_step_running(settings=s, run_id="run_old", step_id="step_old", now=datetime.now(UTC) - timedelta(hours=1))
+    rf_worker.record_step_running(settings=s, run_id="run_old", step_id="step_old", now=datetime.now(UTC) - timedelta(hours=1))
     mcp = MCPServer()
     served = serve_app(mcp.app(), name="mcp")
     mcp.outage(current_pods=[p["metadata"]["name"] for p in cluster.pods(selector="app=mcp-server")])

@@ -17,8 +17,8 @@ from tasks.gateway import (
     GatewayError,
     GatewayTemporaryError,
     InvalidIdError,
+    _retry_step,
     retry_after_seconds,
-    retry_step,
     retry_steps,
 )
 from tasks.settings import Settings
@@ -51,7 +51,7 @@ class Sleeps(list):
 def test_503_then_200_is_retried_with_backoff(gw_settings):
     route = respx.post(BASE + PATH).mock(side_effect=[httpx.Response(503), httpx.Response(202)])
     sleeps = Sleeps()
-    out = retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=sleeps)
+    out = _retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=sleeps)
     assert out.outcome == "retried" and out.changed and out.attempts == 2 and out.status_code == 202
     assert route.call_count == 2 and sleeps == [0.5]
     assert route.calls[0].request.headers["authorization"] == f"Bearer {KEY}"
@@ -67,7 +67,7 @@ def test_retry_after_is_honoured_and_capped(gw_settings):
         ]
     )
     sleeps = Sleeps()
-    assert retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=sleeps).changed
+    assert _retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=sleeps).changed
     assert sleeps == [2.0, 5.0]  # the server's 2 s, then 120 s capped at gateway_retry_after_cap_s
 
 
@@ -83,7 +83,7 @@ def test_connection_errors_are_retried_then_a_clear_temporary_error(gw_settings)
     route = respx.post(BASE + PATH).mock(side_effect=httpx.ConnectError("refused"))
     sleeps = Sleeps()
     with pytest.raises(GatewayTemporaryError, match="no answer after 4 attempts") as info:
-        retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=sleeps)
+        _retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=sleeps)
     assert route.call_count == 4 and sleeps == [0.5, 1.0, 2.0]
     assert KEY not in str(info.value) and KEY not in repr(info.value)
 
@@ -92,14 +92,14 @@ def test_connection_errors_are_retried_then_a_clear_temporary_error(gw_settings)
 def test_persistent_503_gives_up(gw_settings):
     respx.post(BASE + PATH).mock(return_value=httpx.Response(503))
     with pytest.raises(GatewayTemporaryError, match="HTTP 503 after 4 attempts"):
-        retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=Sleeps())
+        _retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=Sleeps())
 
 
 @respx.mock
 @pytest.mark.parametrize("code,outcome", [(404, "not_found"), (409, "already_queued")])
 def test_404_and_409_are_outcomes_not_errors(gw_settings, code, outcome):
     route = respx.post(BASE + PATH).mock(return_value=httpx.Response(code, json={"error": "x"}))
-    out = retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=Sleeps())
+    out = _retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=Sleeps())
     assert out.outcome == outcome and not out.changed and route.call_count == 1
 
 
@@ -109,7 +109,7 @@ def test_auth_failure_is_clear_and_never_shows_the_key(gw_settings, code, caplog
     caplog.set_level(logging.DEBUG)
     route = respx.post(BASE + PATH).mock(return_value=httpx.Response(code, text=f"bad key Bearer {KEY}"))
     with pytest.raises(GatewayAuthError, match=f"rejected the API key \\(HTTP {code}\\)") as info:
-        retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=Sleeps())
+        _retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=Sleeps())
     assert route.call_count == 1  # not retried
     assert KEY not in str(info.value) and KEY not in repr(info.value) and KEY not in caplog.text
     assert KEY not in repr(gw_settings) and KEY not in str(gw_settings.model_dump())
@@ -119,7 +119,7 @@ def test_auth_failure_is_clear_and_never_shows_the_key(gw_settings, code, caplog
 def test_other_errors_are_permanent_and_scrubbed(gw_settings):
     respx.post(BASE + PATH).mock(return_value=httpx.Response(500, text=f"boom Authorization: Bearer {KEY}"))
     with pytest.raises(GatewayError, match="HTTP 500") as info:
-        retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=Sleeps())
+        _retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", sleep=Sleeps())
     assert not isinstance(info.value, GatewayTemporaryError) and KEY not in str(info.value)
 
 
@@ -141,14 +141,14 @@ def test_other_errors_are_permanent_and_scrubbed(gw_settings):
 def test_hostile_ids_are_rejected_before_any_request(gw_settings, run_id, step_id):
     route = respx.post(url__startswith=BASE).mock(return_value=httpx.Response(202))
     with pytest.raises(InvalidIdError, match="invalid"):
-        retry_step(settings=gw_settings, run_id=run_id, step_id=step_id, sleep=Sleeps())
+        _retry_step(settings=gw_settings, run_id=run_id, step_id=step_id, sleep=Sleeps())
     assert route.call_count == 0
 
 
 def test_missing_key_is_a_clear_error():
     s = Settings(gateway_url=BASE, gateway_api_key=None, gateway_api_key_secret=None)
     with pytest.raises(GatewayAuthError, match="FD_GATEWAY_API_KEY or FD_GATEWAY_API_KEY_SECRET"):
-        retry_step(settings=s, run_id="run_1", step_id="st_1")
+        _retry_step(settings=s, run_id="run_1", step_id="st_1")
 
 
 @respx.mock
@@ -175,7 +175,7 @@ def test_shared_client_has_timeouts_and_no_credentials(gw_settings):
 def test_explicit_key_argument_wins(gw_settings):
     with respx.mock:
         route = respx.post(BASE + PATH).mock(return_value=httpx.Response(202))
-        retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", api_key=SecretStr("other"))
+        _retry_step(settings=gw_settings, run_id="run_1", step_id="st_1", api_key=SecretStr("other"))
     assert route.calls[0].request.headers["authorization"] == "Bearer other"
 
 
