@@ -6,28 +6,52 @@ process with Prefect's own engine (``prefect.flow_engine.run_flow``), so states,
 deployment concurrency limits (checked by the server on Pending -> Running) behave as with Prefect's Runner.
 
 Loop: register the deployments (``RunnerDeployment.apply()``: schedules, triggers, concurrency limits), then
-every ``poll_seconds`` ask the API for due scheduled runs of those deployments, CLAIM each one by proposing
-Pending (a rejection means another runner took it, so two serve processes never run a flow run twice) and
-run it in a daemon thread, at most ``limit`` at once; ``GET /health`` as Prefect's runner webserver has (when
-PREFECT_RUNNER_SERVER_ENABLE). ``stop()`` (SIGTERM/SIGINT in ``serve_in_process``)
-stops the polling and waits up to ``grace_seconds`` for running flows; runs still going then are reported
-Crashed. Trade-off: fast start and shared memory, no process isolation, and a running flow cannot be killed
-(a run cancelled before it starts is never started; one cancelled while running finishes its work).
+every ``poll_seconds`` ask the API for due scheduled runs of those deployments, CLAIM each one (below) and run
+it in a daemon thread, at most ``limit`` at once; ``GET /health`` as Prefect's runner webserver has (when
+PREFECT_RUNNER_SERVER_ENABLE). ``stop()`` (SIGTERM/SIGINT in ``serve_in_process``) stops the polling and waits
+up to ``grace_seconds`` for running flows; runs still going then are reported Crashed. Trade-off: fast start
+and shared memory, no process isolation, and a running flow cannot be killed (a run cancelled before it starts
+is never started; one cancelled while running finishes its work).
+
+Exactly once, across any number of serve processes. Proposing Pending is not enough: Prefect refuses Pending
+only from Pending/Running/Cancelling/Cancelled, so a runner whose list of due runs is stale would re-run a run
+another runner already COMPLETED (Completed -> Pending is accepted). So a run is claimed in two steps:
+1. a claim record ``<FD_STATE_PREFIX>:claim:flow-run:<id>`` created in Redis only if absent (``SET NX``), its
+   value this runner's identity (host:pid:random), a lease of ``CLAIM_LEASE_S`` (30 s) that this runner renews
+   (a thread of its own) while it holds the run and deletes when the run's execution ends. One holder at a time,
+   whatever the lists say;
+2. then, holding it, the run's state is READ AGAIN and Pending is proposed only if it is still Scheduled (the
+   Pending's message names the runner: "claimed by fd-recovery serve <identity>").
+Together: a run leaves a Scheduled state for Pending only through a runner that holds its claim and saw it
+Scheduled after taking the claim, so a run that finished meanwhile is seen finished and skipped; a run put back
+to Scheduled (Prefect's AwaitingConcurrencySlot, a retry from the UI) is claimable again once its execution
+ended. The claim is held through the whole execution, which also covers a flow retry's AwaitingRetry state
+(Scheduled, while the engine still holds the run). No claim, no run: when Redis is unavailable nothing is
+started (logged). A runner that dies stops renewing: its claims expire ``CLAIM_LEASE_S`` later (a run it had
+claimed but not yet moved to Pending is then taken by another runner); ``RunClaims.holder``/``release`` let the
+zombie-run handling find and free the claim of a run whose runner is gone. If a runner could not renew a claim
+for a whole lease (Redis unreachable, process frozen) before its Pending landed, it checks the state history
+and runs the run only if its Pending came straight from Scheduled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import signal
+import socket
 import threading
 import time
-from collections.abc import Sequence
-from datetime import timedelta
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from uuid import UUID
 
+import redis
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -36,19 +60,101 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.exceptions import Abort
+from prefect.exceptions import ObjectNotFound
 from prefect.flow_engine import run_flow
 from prefect.flows import Flow
 from prefect.logging import get_logger
 from prefect.settings import PREFECT_RUNNER_PROCESS_LIMIT, PREFECT_RUNNER_SERVER_ENABLE, get_current_settings
 from prefect.states import Crashed, Pending
-from prefect.types._datetime import now
-from prefect.utilities.engine import propose_state_sync
+
+from tasks.settings import Settings, get_settings
 
 log = get_logger("runner.inprocess")
 MARK_READY_S = 10.0  # how often the poll also tells the API the deployments are served (status Ready)
+CLAIM_LEASE_S = 30.0  # a dead runner's claims expire this long after its last renewal (renewed every third)
+CANDIDATES_PER_SLOT = 4  # due runs read per free slot: runs other runners hold are skipped at Redis cost
+STORE_DOWN_LOG_S = 30.0  # while Redis is unavailable, say so at most this often
+WAIT_CAP_S = 5.0  # longest wait honoured for one WAIT answer to a Pending proposal
+
+
+class ClaimStoreUnavailable(Exception):
+    """The claim store (Redis) did not answer: no run may be started, since it cannot be claimed."""
+
+
+class RunClaims:
+    """Exactly one holder per flow run at a time: a Redis key created only if absent, a lease renewed by its holder.
+
+    ``acquire`` -> ``SET <prefix>:claim:flow-run:<id> <owner> NX PX <lease>``; ``renew`` and ``release`` act only
+    on claims this owner still holds (Lua compare-and-expire / compare-and-delete), so a claim that expired and
+    was taken by another runner is never extended or deleted by the first. Redis errors raise
+    ``ClaimStoreUnavailable``.
+    """
+
+    _RENEW = """
+    local out = {}
+    for i, key in ipairs(KEYS) do
+      if redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2]); out[i] = 1 else out[i] = 0 end
+    end
+    return out
+    """
+    _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+    def __init__(self, client: redis.Redis, *, prefix: str, owner: str | None = None,
+                 lease_s: float = CLAIM_LEASE_S) -> None:
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be > 0, got {lease_s}")
+        self.redis = client
+        self.prefix = prefix
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_s = lease_s
+        self._renew = client.register_script(self._RENEW)
+        self._release = client.register_script(self._RELEASE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, owner: str | None = None, lease_s: float = CLAIM_LEASE_S) -> RunClaims:
+        """Claims in ``settings.redis_url`` under ``settings.state_prefix`` (short timeouts: a poll must not hang)."""
+        client = redis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
+                                      socket_timeout=5, socket_connect_timeout=3, health_check_interval=30)
+        return cls(client, prefix=settings.state_prefix, owner=owner, lease_s=lease_s)
+
+    def key(self, flow_run_id: UUID) -> str:
+        return f"{self.prefix}:claim:flow-run:{flow_run_id}"
+
+    def acquire(self, flow_run_id: UUID) -> bool:
+        """Create the run's claim for this owner if nobody holds it; False if somebody (this owner too) does."""
+        with _store_errors():
+            return bool(self.redis.set(self.key(flow_run_id), self.owner, nx=True, px=int(self.lease_s * 1000)))
+
+    def renew(self, flow_run_ids: Iterable[UUID]) -> set[UUID]:
+        """Extend this owner's claims by a full lease; the ids whose claim is no longer this owner's."""
+        ids = list(flow_run_ids)
+        if not ids:
+            return set()
+        with _store_errors():
+            kept = self._renew(keys=[self.key(i) for i in ids], args=[self.owner, int(self.lease_s * 1000)])
+        return {i for i, ok in zip(ids, kept, strict=True) if not ok}
+
+    def release(self, flow_run_id: UUID, *, owner: str | None = None) -> bool:
+        """Delete the run's claim if ``owner`` (default: this one) holds it. The zombie-run handling passes the
+        dead runner's identity (from ``holder``) to free a run whose runner is gone."""
+        with _store_errors():
+            return bool(self._release(keys=[self.key(flow_run_id)], args=[owner or self.owner]))
+
+    def holder(self, flow_run_id: UUID) -> str | None:
+        """Identity of the runner holding the run's claim (None: nobody, or its lease expired)."""
+        with _store_errors():
+            return self.redis.get(self.key(flow_run_id))
+
+
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    try:
+        yield
+    except redis.RedisError as e:
+        raise ClaimStoreUnavailable(f"{type(e).__name__}: {e}") from e
 
 
 class InProcessRunner:
@@ -61,6 +167,8 @@ class InProcessRunner:
         limit: int | None = None,
         poll_seconds: float = 0.25,
         grace_seconds: float = 45.0,
+        claims: RunClaims | None = None,
+        settings: Settings | None = None,
     ) -> None:
         if not served:
             raise ValueError("nothing to serve: no deployments")
@@ -69,14 +177,24 @@ class InProcessRunner:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         self.poll_seconds = poll_seconds
         self.grace_seconds = grace_seconds
+        self.claims = claims or RunClaims.from_settings(settings or get_settings())
         self._served = list(served)
         self._flows: dict[UUID, Flow[..., Any]] = {}
         self._running: dict[UUID, threading.Thread] = {}
+        self._claimed: dict[UUID, float] = {}  # run id -> time.monotonic() its claim was last confirmed ours
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._hurry = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self._keeper_stop = threading.Event()
         self._next_mark_ready = 0.0
+        self._store_down_logged = 0.0  # time.monotonic() the claim store was last reported unavailable
         self.last_polled: float | None = None  # time.monotonic() of the last successful poll
+
+    @property
+    def identity(self) -> str:
+        """This runner's identity in its claims (host:pid:random)."""
+        return self.claims.owner
 
     @property
     def deployment_ids(self) -> list[UUID]:
@@ -86,6 +204,11 @@ class InProcessRunner:
         """Ids of the flow runs this runner is executing now."""
         with self._lock:
             return list(self._running)
+
+    def claimed(self) -> list[UUID]:
+        """Ids of the flow runs whose claim this runner holds (being started or running)."""
+        with self._lock:
+            return list(self._claimed)
 
     def register(self) -> list[UUID]:
         """Create or update every deployment with the API (schedules, triggers, concurrency limit); their ids."""
@@ -100,26 +223,44 @@ class InProcessRunner:
         if free <= 0 or self._stopping.is_set():
             return []
         started = []
-        for flow_run in self._due_runs(client):
+        for flow_run in self._due_runs(client, limit=free * CANDIDATES_PER_SLOT):
             if len(started) >= free or self._stopping.is_set():
                 break
-            if flow_run.id in self._running or not self._claim(client, flow_run):
+            if flow_run.id in self._claimed:
                 continue
-            self._start(flow_run)
-            started.append(flow_run.id)
+            try:
+                claimed = self._claim(client, flow_run)
+            except ClaimStoreUnavailable as e:
+                self._store_unavailable(flow_run, e)
+                break
+            if claimed:
+                self._start(flow_run)
+                started.append(flow_run.id)
+        if self._store_down_logged and started:
+            log.info("the claim store is available again: claiming and starting flow runs")
+            self._store_down_logged = 0.0
         return started
 
-    def _due_runs(self, client: SyncPrefectClient) -> list[FlowRun]:
+    def _store_unavailable(self, flow_run: FlowRun, error: ClaimStoreUnavailable) -> None:
+        """No claim, no run: say so (at most every STORE_DOWN_LOG_S), start nothing until Redis answers."""
+        if time.monotonic() - self._store_down_logged >= STORE_DOWN_LOG_S:
+            self._store_down_logged = time.monotonic()
+            log.error("cannot claim flow run %s (%s): the claim store (Redis, FD_REDIS_URL) is unavailable: %s; "
+                      "starting no flow run until it answers, so no run can be executed twice",
+                      flow_run.name, flow_run.id, error)
+
+    def _due_runs(self, client: SyncPrefectClient, *, limit: int) -> list[FlowRun]:
         """Scheduled runs of our deployments due by the next poll, earliest first.
 
         A plain read: ``get_scheduled_flow_runs`` (what Prefect's Runner calls) also queues a write marking the
         deployments Ready, too much for a SQLite server 4 times a second; it is called every ``MARK_READY_S``.
+        The list may be stale by the time a run is claimed: ``_claim`` reads each run again.
         """
-        before = now("UTC") + timedelta(seconds=self.poll_seconds)
+        before = datetime.now(UTC) + timedelta(seconds=self.poll_seconds)
         if time.monotonic() >= self._next_mark_ready:
             self._next_mark_ready = time.monotonic() + MARK_READY_S
             due = client.get_scheduled_flow_runs_for_deployments(deployment_ids=self.deployment_ids,
-                                                                 scheduled_before=before)
+                                                                 scheduled_before=before, limit=limit)
             return [FlowRun.model_validate(r.model_dump()) for r in due]
         return client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
@@ -128,24 +269,135 @@ class InProcessRunner:
                 next_scheduled_start_time=FlowRunFilterNextScheduledStartTime(before_=before),
             ),
             sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC,
-            limit=self.limit,
+            limit=limit,
         )
 
     def _claim(self, client: SyncPrefectClient, flow_run: FlowRun) -> bool:
-        """Propose Pending: only one runner gets it (the server rejects the others, and cancelled runs)."""
+        """Take the run for this runner: its claim in Redis, then Pending if it is STILL Scheduled (read again).
+
+        False when another runner holds it, or it is no longer Scheduled (finished, cancelled, deleted), or
+        Prefect refuses Pending. Raises ``ClaimStoreUnavailable`` when Redis does not answer (nothing started).
+        """
+        if not self.claims.acquire(flow_run.id):
+            log.debug("flow run %s is claimed by another runner", flow_run.id)
+            return False
+        self._hold(flow_run.id)
+        token = f"claimed by fd-recovery serve {self.identity}"
         try:
-            state = propose_state_sync(client, Pending(), flow_run_id=flow_run.id)
-        except Abort as e:
-            log.info("flow run %s not claimed: %s", flow_run.id, e)
+            current = client.read_flow_run(flow_run.id)
+            if current.state is None or current.state.type != StateType.SCHEDULED:
+                log.info("flow run %s not claimed: it is %s now", flow_run.id,
+                         current.state.name if current.state else "without a state")
+                self._unclaim(flow_run.id)
+                return False
+            state = self._propose_pending(client, flow_run.id, token)
+        except ObjectNotFound:
+            log.info("flow run %s not claimed: it was deleted", flow_run.id)
+            self._unclaim(flow_run.id)
             return False
-        except Exception:  # deleted meanwhile, API error: the next poll sees it again if it is still due
+        except Exception:  # timeout, API error: did our Pending land before the error? The state says.
             log.exception("could not claim flow run %s", flow_run.id)
+            state = self._pending_of(client, flow_run.id, token)
+        if state is None or not (state.is_pending() and state.message == token):
+            if state is not None:
+                log.info("flow run %s not claimed: Prefect answered %s", flow_run.id, state.name)
+            self._unclaim(flow_run.id)
             return False
-        if not state.is_pending():
-            log.info("flow run %s not claimed: it is %s", flow_run.id, state.type.value)
+        try:
+            held = self._lease_held(client, flow_run.id, token)
+        except Exception:
+            log.exception("flow run %s: could not check its state history after a lapsed claim", flow_run.id)
+            held = False
+        if not held:
+            self._unclaim(flow_run.id)
             return False
         flow_run.state = state
         return True
+
+    @staticmethod
+    def _propose_pending(client: SyncPrefectClient, flow_run_id: UUID, token: str) -> State | None:
+        """Propose Pending (the claim token as its message); the accepted or the server's state, None if aborted."""
+        while True:
+            result = client.set_flow_run_state(flow_run_id, Pending(message=token))
+            if result.status == SetStateStatus.WAIT:
+                time.sleep(min(getattr(result.details, "delay_seconds", 0.1) or 0.1, WAIT_CAP_S))  # as told
+                continue
+            if result.status == SetStateStatus.ABORT:
+                log.info("flow run %s not claimed: %s", flow_run_id, getattr(result.details, "reason", "aborted"))
+                return None
+            return result.state
+
+    @staticmethod
+    def _pending_of(client: SyncPrefectClient, flow_run_id: UUID, token: str) -> State | None:
+        """After an error proposing Pending: the run's state if it is our Pending (it landed), else None."""
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except Exception:
+            log.exception("could not read flow run %s after the failed claim", flow_run_id)
+            return None
+        return state if state is not None and state.is_pending() and state.message == token else None
+
+    def _lease_held(self, client: SyncPrefectClient, flow_run_id: UUID, token: str) -> bool:
+        """Our Pending was accepted. If our claim may have lapsed meanwhile (not confirmed for a whole lease: Redis
+        unreachable, this process frozen), make sure Pending came straight from a Scheduled state; if another
+        runner ran the run meanwhile, put back the state it ended in and do not run it."""
+        with self._lock:
+            confirmed = self._claimed.get(flow_run_id, 0.0)
+        if time.monotonic() - confirmed < self.claims.lease_s:
+            return True
+        states = client.read_flow_run_states(flow_run_id)
+        ours = max((i for i, s in enumerate(states) if s.is_pending() and s.message == token), default=None)
+        before = states[ours - 1] if ours else None
+        if before is not None and before.type == StateType.SCHEDULED:
+            return True
+        log.error("flow run %s: our claim lapsed and the run was %s before our Pending: not running it; state put "
+                  "back", flow_run_id, before.name if before else "unknown")
+        if before is not None:
+            client.set_flow_run_state(flow_run_id, State(type=before.type, name=before.name, message=before.message,
+                                                         data=before.data), force=True)
+        return False
+
+    def _hold(self, flow_run_id: UUID) -> None:
+        with self._lock:
+            self._claimed[flow_run_id] = time.monotonic()
+        self._ensure_keeper()
+
+    def _unclaim(self, flow_run_id: UUID) -> None:
+        """Forget and delete our claim (if Redis does not answer, it expires after the lease)."""
+        with self._lock:
+            self._claimed.pop(flow_run_id, None)
+        try:
+            self.claims.release(flow_run_id)
+        except ClaimStoreUnavailable as e:
+            log.warning("could not release the claim of flow run %s (%s): it expires in %g s", flow_run_id, e,
+                        self.claims.lease_s)
+
+    def _ensure_keeper(self) -> None:
+        with self._lock:
+            if self._keeper is None or not self._keeper.is_alive():
+                self._keeper_stop.clear()
+                self._keeper = threading.Thread(target=self._keep_claims, name="runner-claims", daemon=True)
+                self._keeper.start()
+
+    def _keep_claims(self) -> None:
+        """Renew this runner's claims every third of a lease while it holds any (a thread of its own, so a poll
+        stuck in API retries does not let them lapse)."""
+        while not self._keeper_stop.wait(self.claims.lease_s / 3):
+            ids = self.claimed()
+            if not ids:
+                continue
+            try:
+                lost = self.claims.renew(ids)
+            except ClaimStoreUnavailable as e:
+                log.error("could not renew the claims of %d flow runs: the claim store is unavailable (%s)", len(ids), e)
+                continue
+            confirmed = time.monotonic()
+            with self._lock:
+                for run_id in (i for i in ids if i in self._claimed):  # (not those released meanwhile)
+                    if run_id in lost:
+                        log.error("the claim of flow run %s expired (this runner could not renew it in time)", run_id)
+                    else:
+                        self._claimed[run_id] = confirmed
 
     def _start(self, flow_run: FlowRun) -> None:
         flow = self._flows[flow_run.deployment_id]
@@ -170,20 +422,26 @@ class InProcessRunner:
         finally:
             with self._lock:
                 self._running.pop(flow_run.id, None)
+            self._unclaim(flow_run.id)  # its execution ended: a run put back to Scheduled may be claimed again
 
     def run(self) -> None:
-        """Register, then poll until ``stop()``; then wait for running flows (``grace_seconds``)."""
-        self.register()
-        with get_client(sync_client=True) as client:
-            while not self._stopping.is_set():
-                t0 = time.monotonic()
-                try:
-                    self.poll_once(client)
-                    self.last_polled = time.monotonic()
-                except Exception:  # an unreachable API must not end the serve process
-                    log.exception("polling the Prefect API for due flow runs failed; retrying")
-                self._stopping.wait(max(0.0, self.poll_seconds - (time.monotonic() - t0)))  # poll
-        self._drain()
+        """Register (unless done), then poll until ``stop()``; then wait for running flows (``grace_seconds``)."""
+        if not self._flows:
+            self.register()
+        self._ensure_keeper()
+        try:
+            with get_client(sync_client=True) as client:
+                while not self._stopping.is_set():
+                    t0 = time.monotonic()
+                    try:
+                        self.poll_once(client)
+                        self.last_polled = time.monotonic()
+                    except Exception:  # an unreachable API must not end the serve process
+                        log.exception("polling the Prefect API for due flow runs failed; retrying")
+                    self._stopping.wait(max(0.0, self.poll_seconds - (time.monotonic() - t0)))  # poll
+            self._drain()
+        finally:
+            self._keeper_stop.set()
 
     def stop(self) -> None:
         """Stop polling for new runs; ``run()`` returns once running flows finish or the grace period ends.
@@ -200,6 +458,7 @@ class InProcessRunner:
         for run_id in self.running():
             log.warning("flow run %s still running at shutdown: reported Crashed", run_id)
             _crash_if_unfinished(run_id, message="fd-recovery serve stopped before the flow run finished")
+            self._unclaim(run_id)
 
 
 def _crash_if_unfinished(flow_run_id: UUID, *, message: str) -> None:
@@ -208,7 +467,7 @@ def _crash_if_unfinished(flow_run_id: UUID, *, message: str) -> None:
         with get_client(sync_client=True) as client:
             current = client.read_flow_run(flow_run_id)
             if current.state is None or not current.state.is_final():
-                propose_state_sync(client, Crashed(message=message), flow_run_id=flow_run_id)
+                client.set_flow_run_state(flow_run_id, Crashed(message=message))
     except Exception:
         log.exception("could not report flow run %s as crashed", flow_run_id)
 

@@ -42,9 +42,19 @@ def _schedules(entries: list[dict[str, Any]] | None) -> list[Any]:
     return schedules
 
 
+def deployment_triggers(deployment_name: str, specs: list[dict[str, Any]] | None) -> list[Any]:
+    """The ``triggers:`` of a prefect.yaml entry as Prefect trigger objects, named as ``prefect deploy`` names them
+    (``<deployment>__automation_<n>`` unless named), through Prefect's public trigger types."""
+    from prefect.events import DeploymentTriggerTypes
+    from pydantic import TypeAdapter
+
+    adapter: TypeAdapter[Any] = TypeAdapter(DeploymentTriggerTypes)
+    return [adapter.validate_python({"name": f"{deployment_name}__automation_{i}", **spec})
+            for i, spec in enumerate(specs or [], start=1)]
+
+
 def build_served_flows(path: Path = PREFECT_YAML, *, names: list[str] | None = None) -> list[tuple[Any, Any]]:
     """(RunnerDeployment, Flow) for every (or the named) deployment in prefect.yaml."""
-    from prefect.cli.deploy._triggers import _initialize_deployment_triggers
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.flows import load_flow_from_entrypoint
 
@@ -61,7 +71,7 @@ def build_served_flows(path: Path = PREFECT_YAML, *, names: list[str] | None = N
                 tags=spec.get("tags"),
                 parameters=spec.get("parameters") or {},
                 schedules=_schedules(spec.get("schedules")),
-                triggers=_initialize_deployment_triggers(spec["name"], [dict(t) for t in spec.get("triggers", [])]),
+                triggers=deployment_triggers(spec["name"], spec.get("triggers")),
                 concurrency_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit,
             ),
             flow,

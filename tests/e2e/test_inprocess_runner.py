@@ -1,19 +1,26 @@
 """The in-process runner of ``fd-recovery serve`` against the session's Prefect test server: it picks up
 deployment runs (run_deployment, schedules, event triggers), runs them with Prefect's engine in this process,
-claims each run exactly once across runners, and honours its limit."""
+claims each run exactly once across runners (Redis claim, then Pending only if still Scheduled: a stale list
+never re-runs a finished run; no claim store, no run; a dead runner's claim expires), and honours its limit.
+``bench/runner_claims.py`` is the stress version (N runner processes x hundreds of runs due at once)."""
 
 from __future__ import annotations
 
+import ast
+import logging
+import socket
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import httpx
 import pytest
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -26,9 +33,11 @@ from prefect.events import DeploymentEventTrigger, emit_event
 from prefect.runtime import flow_run as current_run
 from pydantic import Field
 
-from deployments.inprocess_runner import InProcessRunner, start_health_server
-from tasks.report import Report
+from deployments.inprocess_runner import InProcessRunner, RunClaims, start_health_server
+from tasks.settings import Settings
 from tests.polling import wait_for
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 EXECUTED: list[str] = []  # flow run ids, appended by the flows below (they run in this process)
 RESULTS: dict[str, str] = {}  # flow run id -> what echo returned
@@ -40,9 +49,7 @@ ENTERED = threading.Semaphore(0)  # released once per gated flow that started
 def echo(word: Annotated[str, Field(min_length=1)], times: Annotated[int, Field(ge=1, le=5)] = 2) -> str:
     """Repeat a word and publish a report (what our flows do)."""
     EXECUTED.append(str(current_run.id))
-    report = Report(title=f"echo {word}")
-    report.add("Done", f"{word} x {times}")
-    report.publish(key="fd-test-echo")
+    create_markdown_artifact(key="fd-test-echo", markdown=f"# echo {word}\n\n{word} x {times}")
     RESULTS[str(current_run.id)] = word * times
     return word * times
 
@@ -85,9 +92,9 @@ def _read(run_id):
 
 
 @pytest.fixture(scope="module")
-def runner() -> Iterator[InProcessRunner]:
+def runner(claim_settings: Settings) -> Iterator[InProcessRunner]:
     """One runner serving echo (with an event trigger), fail and echo without server-side parameter checks, polling in a background thread."""
-    r = InProcessRunner(_served(), limit=4, poll_seconds=0.1, grace_seconds=10)
+    r = InProcessRunner(_served(), limit=4, poll_seconds=0.1, grace_seconds=10, settings=claim_settings)
     thread = threading.Thread(target=r.run, name="in-process-runner", daemon=True)
     thread.start()
     wait_for(lambda: len(r.deployment_ids) == 3, timeout=30, what="the deployments registered")
@@ -95,6 +102,12 @@ def runner() -> Iterator[InProcessRunner]:
     r.stop()
     thread.join(15)
     assert not thread.is_alive(), "the runner did not stop"
+
+
+def _history(run_id) -> list[str]:
+    """The run's state types in order, e.g. ['SCHEDULED', 'PENDING', 'RUNNING', 'COMPLETED']."""
+    with get_client(sync_client=True) as client:
+        return [s.type.value for s in client.read_flow_run_states(run_id)]
 
 
 def test_run_deployment_completes_with_its_parameters_and_report(runner):
@@ -146,52 +159,178 @@ def test_an_event_trigger_starts_a_run(runner):
     assert RESULTS[str(run.id)] == "evtevtevt"
 
 
-def test_two_runners_never_run_the_same_flow_run_twice(runner):
-    second = InProcessRunner(_served(), limit=4, poll_seconds=0.1)  # the same deployments: same ids
-    thread = threading.Thread(target=second.run, daemon=True)
-    thread.start()
+def test_three_runners_run_each_run_of_a_burst_exactly_once(claim_settings):
+    """30 runs already due when three runners with the same deployment start at once (an alert storm)."""
+    name = f"burst-{uuid.uuid4().hex[:6]}"
+    runners = [InProcessRunner([(echo.to_deployment(name=name), echo)], limit=4, poll_seconds=0.1,
+                               settings=claim_settings) for _ in range(3)]
+    [deployment_id] = {d for r in runners for d in r.register()}
+    assert len({r.identity for r in runners}) == 3
+    with get_client(sync_client=True) as client:
+        ids = [client.create_flow_run_from_deployment(deployment_id, parameters={"word": f"w{i}"}).id
+               for i in range(30)]
+    threads = [threading.Thread(target=r.run, daemon=True) for r in runners]
+    for t in threads:  # all three poll at once: every run is in every runner's first list
+        t.start()
     try:
-        wait_for(lambda: len(second.deployment_ids) == 3, timeout=30, what="the second runner registered")
-        assert set(second.deployment_ids) == set(runner.deployment_ids)
-        with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name("fd-test-echo/echo")
-            ids = [client.create_flow_run_from_deployment(deployment.id, parameters={"word": f"w{i}"}).id
-                   for i in range(12)]
-        wait_for(lambda: all(_read(i).state.is_completed() for i in ids), timeout=40, what="all 12 runs completed")
+        wait_for(lambda: all(_read(i).state.is_completed() for i in ids), timeout=120, what="all 30 runs completed")
     finally:
-        second.stop()
-        thread.join(15)
+        for r in runners:
+            r.stop()
+        for t in threads:
+            t.join(15)
     counts = Counter(EXECUTED)
-    assert [counts[str(i)] for i in ids] == [1] * 12
+    assert [counts[str(i)] for i in ids] == [1] * 30
+    with get_client(sync_client=True) as client:
+        histories = [client.read_flow_run_states(i) for i in ids]
+    types = [[s.type.value for s in h] for h in histories]  # (a run waiting long is also marked Late: SCHEDULED)
+    assert all(t.count("PENDING") == 1 and t.count("RUNNING") == 1 and t[-1] == "COMPLETED" for t in types)
+    claimers = Counter(s.message for h in histories for s in h if s.type.value == "PENDING")
+    assert set(claimers) <= {f"claimed by fd-recovery serve {r.identity}" for r in runners}
+    assert len(claimers) >= 2  # the burst was shared, not run by one runner alone
 
 
-def test_a_claimed_run_cannot_be_claimed_again(runner):
+def test_a_runner_with_a_stale_list_does_not_rerun_a_finished_run(runner, claim_settings, monkeypatch):
+    """The measured double execution: a run listed as Scheduled, completed meanwhile by another runner."""
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("fd-test-echo/echo")
+        stale = client.create_flow_run_from_deployment(deployment.id, parameters={"word": "stale"})
+        assert stale.state.is_scheduled()
+        wait_for(lambda: _read(stale.id).state.is_completed(), timeout=30, what="the background runner ran it")
+        late = InProcessRunner(_served(), limit=2, settings=claim_settings)
+        late.register()
+        monkeypatch.setattr(late, "_due_runs", lambda _client, limit: [stale])  # its list: still Scheduled
+        assert late.poll_once(client) == []
+        assert late._claim(client, stale) is False
+    assert Counter(EXECUTED)[str(stale.id)] == 1
+    assert _history(stale.id) == ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]
+    claims = RunClaims.from_settings(claim_settings)
+    wait_for(lambda: claims.holder(stale.id) is None, timeout=10, what="the claim released (nothing left behind)")
+
+
+def test_a_claimed_run_cannot_be_claimed_again(runner, claim_settings):
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("fd-test-fail/fail")
         run = client.create_flow_run_from_deployment(deployment.id, parameters={"reason": "claimed"},
                                                      state=_scheduled_later())
-        other = InProcessRunner(_served(), limit=1)
-        assert other._claim(client, run) is True
-        assert other._claim(client, run) is False  # Pending -> Pending is rejected: someone has it
+        first, second = (InProcessRunner(_served(), limit=1, settings=claim_settings) for _ in range(2))
+        assert first._claim(client, run) is True
+        assert RunClaims.from_settings(claim_settings).holder(run.id) == first.identity
+        assert _read(run.id).state.message == f"claimed by fd-recovery serve {first.identity}"
+        assert second._claim(client, run) is False  # its claim is held
+        first._unclaim(run.id)  # (as when its execution ends)
+        assert second._claim(client, run) is False  # claim free, but the run is no longer Scheduled
+        assert _history(run.id) == ["SCHEDULED", "PENDING"]
         client.set_flow_run_state(run.id, _cancelled(), force=True)
 
 
 @pytest.mark.parametrize("state", ["Cancelling", "Cancelled"])
-def test_a_run_cancelled_before_it_starts_is_not_claimed(runner, state):
+def test_a_run_cancelled_before_it_starts_is_not_claimed(runner, claim_settings, state):
     from prefect.states import Cancelled, Cancelling
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("fd-test-fail/fail")
         run = client.create_flow_run_from_deployment(deployment.id, state=_scheduled_later())
         client.set_flow_run_state(run.id, Cancelling() if state == "Cancelling" else Cancelled(), force=True)
-        assert InProcessRunner(_served(), limit=1)._claim(client, run) is False
-        assert _read(run.id).state.is_cancelled()  # (a Cancelling run that never started ends Cancelled)
+        assert InProcessRunner(_served(), limit=1, settings=claim_settings)._claim(client, run) is False
+        assert _read(run.id).state.is_cancelled()  # (a Scheduled run has nothing to cancel: straight Cancelled)
+        assert "PENDING" not in _history(run.id)
 
 
-def test_the_limit_is_honoured():
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_without_the_claim_store_no_run_is_started(claim_settings, caplog):
+    suffix = uuid.uuid4().hex[:6]
+    down = Settings(redis_url=f"redis://127.0.0.1:{_closed_port()}/0", state_prefix=claim_settings.state_prefix)
+    blind = InProcessRunner([(echo.to_deployment(name=f"no-store-{suffix}"), echo)], limit=2, settings=down)
+    [deployment_id] = blind.register()
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(deployment_id, parameters={"word": "nostore"})
+        with caplog.at_level(logging.ERROR, logger="prefect.runner.inprocess"):
+            assert blind.poll_once(client) == []
+            assert blind.poll_once(client) == []  # said once, not at every poll
+        assert _read(run.id).state.is_scheduled() and _history(run.id) == ["SCHEDULED"]
+        said = [r.getMessage() for r in caplog.records if "claim store" in r.getMessage()]
+        assert len(said) == 1 and str(run.id) in said[0] and "starting no flow run" in said[0]
+
+        blind.claims = RunClaims.from_settings(claim_settings)  # Redis is back
+        assert blind.poll_once(client) == [run.id]
+        wait_for(lambda: _read(run.id).state.is_completed(), timeout=30, what="the run to complete")
+    assert Counter(EXECUTED)[str(run.id)] == 1
+
+
+def test_a_dead_runners_claim_expires_or_is_released_and_another_runner_runs_the_run(claim_settings):
+    """A runner that died after claiming (before Pending): its lease runs out; the zombie handling may free it
+    sooner with ``release(owner=holder)``."""
+    suffix = uuid.uuid4().hex[:6]
+    live = InProcessRunner([(echo.to_deployment(name=f"heir-{suffix}"), echo)], limit=2, poll_seconds=0.1,
+                           settings=claim_settings)
+    [deployment_id] = live.register()
+    dead = RunClaims.from_settings(claim_settings, owner="dead-host:1:deadbeef", lease_s=3)
+    with get_client(sync_client=True) as client:
+        expiring, released = (client.create_flow_run_from_deployment(deployment_id, parameters={"word": w}).id
+                              for w in ("exp", "rel"))
+        assert dead.acquire(expiring) and dead.acquire(released)
+        assert live.poll_once(client) == []  # both held by the dead runner
+        assert live.claims.holder(released) == "dead-host:1:deadbeef"
+        assert live.claims.release(released) is False  # not ours to release...
+        assert live.claims.release(released, owner=live.claims.holder(released)) is True  # ...unless named
+        assert live.poll_once(client) == [released]
+        t0 = time.monotonic()
+        wait_for(lambda: live.poll_once(client) == [expiring], timeout=10, interval=0.1, what="the lease to expire")
+        assert time.monotonic() - t0 < 5
+        wait_for(lambda: all(_read(i).state.is_completed() for i in (expiring, released)), timeout=30,
+                 what="both runs completed")
+    assert Counter(EXECUTED)[str(expiring)] == 1 and Counter(EXECUTED)[str(released)] == 1
+
+
+def test_a_runner_keeps_its_claim_while_the_run_lasts_longer_than_the_lease(claim_settings):
+    suffix = uuid.uuid4().hex[:6]
+    claims = RunClaims.from_settings(claim_settings, lease_s=2.0)
+    keeper = InProcessRunner([(gated.to_deployment(name=f"lease-{suffix}"), gated)], limit=1, claims=claims)
+    [deployment_id] = keeper.register()
+    _close_gate()
+    try:
+        with get_client(sync_client=True) as client:
+            run_id = client.create_flow_run_from_deployment(deployment_id).id
+            assert keeper.poll_once(client) == [run_id]
+            assert ENTERED.acquire(timeout=20), "the gated flow did not start"
+            t0 = time.monotonic()
+            wait_for(lambda: time.monotonic() - t0 > 5, timeout=10, what="2.5 leases")
+            assert claims.holder(run_id) == keeper.identity  # renewed, not expired
+    finally:
+        GATE.set()
+    wait_for(lambda: _read(run_id).state.is_completed(), timeout=20, what="the run to complete")
+    wait_for(lambda: claims.holder(run_id) is None, timeout=5, what="the claim released")
+
+
+def test_the_runner_uses_only_public_prefect_api():
+    """Private Prefect modules/names (a ``_`` component) may move in any release: none in the project's code."""
+    private = []
+    for path in sorted(PROJECT_ROOT.glob("*/**/*.py")):
+        if path.relative_to(PROJECT_ROOT).parts[0] not in {"flows", "tasks", "deployments", "sandbox", "bench"}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "prefect":
+                names = [*node.module.split("."), *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [part for a in node.names if a.name.split(".")[0] == "prefect" for part in a.name.split(".")]
+            else:
+                continue
+            if any(n.startswith("_") and not n.startswith("__") for n in names):
+                private.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}: {'.'.join(names)}")
+    assert private == [], "private Prefect API used:\n" + "\n".join(private)
+
+
+def test_the_limit_is_honoured(claim_settings):
     """Driven poll by poll (no background loop): with limit 2, four due runs start two at a time."""
     suffix = uuid.uuid4().hex[:6]
-    limited = InProcessRunner([(gated.to_deployment(name=f"gated-{suffix}"), gated)], limit=2, poll_seconds=0.1)
+    limited = InProcessRunner([(gated.to_deployment(name=f"gated-{suffix}"), gated)], limit=2, poll_seconds=0.1,
+                              settings=claim_settings)
     [deployment_id] = limited.register()
     _close_gate()
     with get_client(sync_client=True) as client:
@@ -212,9 +351,9 @@ def test_the_limit_is_honoured():
     assert all(_read(i).state.is_completed() for i in ids)
 
 
-def test_health_fails_once_polling_stops():
+def test_health_fails_once_polling_stops(claim_settings):
     """The Kubernetes probes of runner.yaml read GET /health, as from Prefect's runner webserver."""
-    idle = InProcessRunner(_served(), limit=1)  # not polling: the test sets when it last polled
+    idle = InProcessRunner(_served(), limit=1, settings=claim_settings)  # not polling: the test sets when it last polled
     server = start_health_server(idle, host="127.0.0.1", port=0, threshold_s=30)
     url = f"http://127.0.0.1:{server.server_address[1]}/health"
     try:
@@ -229,10 +368,10 @@ def test_health_fails_once_polling_stops():
         server.shutdown()
 
 
-def test_stop_lets_running_flows_finish_and_a_second_stop_reports_them_crashed():
+def test_stop_lets_running_flows_finish_and_a_second_stop_reports_them_crashed(claim_settings):
     suffix = uuid.uuid4().hex[:6]
     r = InProcessRunner([(gated.to_deployment(name=f"drain-{suffix}"), gated)], limit=2, poll_seconds=0.1,
-                        grace_seconds=30)
+                        grace_seconds=30, settings=claim_settings)
     r2: InProcessRunner | None = None
     _close_gate()
     thread = threading.Thread(target=r.run, daemon=True)
@@ -253,7 +392,7 @@ def test_stop_lets_running_flows_finish_and_a_second_stop_reports_them_crashed()
             client.set_flow_run_state(late, _cancelled(), force=True)
 
             _close_gate()
-            r2 = InProcessRunner(r._served, limit=1, poll_seconds=0.1, grace_seconds=30)
+            r2 = InProcessRunner(r._served, limit=1, poll_seconds=0.1, grace_seconds=30, settings=claim_settings)
             thread = threading.Thread(target=r2.run, daemon=True)
             thread.start()
             stuck = client.create_flow_run_from_deployment(deployment_id).id
