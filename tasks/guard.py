@@ -181,15 +181,6 @@ def check(
     return Verdict(allowed=True, reason=f"allowed: {what}")
 
 
-def refuse_if_paused(*, dry_run: bool, settings: Settings) -> Verdict:
-    """The guard for bulk actions without a single target (queue sweeps): kill switch and dry run only."""
-    if kill_switch_engaged(settings=settings):
-        return Verdict(allowed=False, reason=f"refused: kill switch `{settings.kill_switch_variable}` is on")
-    if dry_run:
-        return Verdict(allowed=False, dry_run=True, reason="dry run: nothing changed")
-    return Verdict(allowed=True, reason="allowed")
-
-
 # ------------------------------------------------------------------------------ the decorator
 
 F = TypeVar("F", bound=Callable[..., Any])

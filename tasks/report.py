@@ -11,7 +11,6 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, suppress
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -118,51 +117,94 @@ class recording(AbstractContextManager):  # noqa: N801 - used as ``with recordin
         return True
 
 
+#: the one event every concluded run emits (notifications and the incident timeline match on it)
+OUTCOME_EVENT = "ferrumdeck.recovery.outcome"
+_MAX_LABEL = 200
+
+
+def targets(result: RecoveryResult) -> str:
+    """What a run acted on (its actions' targets, else its checks'), joined: the ``target`` of its event."""
+    names = [a.target for a in result.actions if a.target and a.target != "-"]
+    names = names or [c.target for c in result.checks if c.target]
+    unique = list(dict.fromkeys(scrub(n) for n in names))
+    text = ", ".join(unique[:5]) + (f" (+{len(unique) - 5} more)" if len(unique) > 5 else "")
+    return text[:_MAX_LABEL] or "-"
+
+
+def outcome_event(result: RecoveryResult, *, flow_run_id: str | None, flow_run_name: str | None = None) -> dict[str, Any]:
+    """Pure: the ``ferrumdeck.recovery.outcome`` event of a run (keyword arguments of ``emit_event``).
+
+    Resource ``ferrumdeck.recovery.<flow>`` with labels ``ferrumdeck.flow`` / ``.outcome`` / ``.target`` /
+    ``.dry-run`` (what automations match on); related: the flow run; payload: outcome, one-line cause, flow run id.
+    """
+    outcome = result.outcome.value
+    counts: dict[str, int] = {}
+    for action in result.actions:
+        counts[action.status.value] = counts.get(action.status.value, 0) + 1
+    related = []
+    if flow_run_id:
+        related.append({"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run",
+                        **({"prefect.resource.name": flow_run_name} if flow_run_name else {})})
+    return {
+        "event": OUTCOME_EVENT,
+        "resource": {
+            "prefect.resource.id": f"ferrumdeck.recovery.{result.flow}",
+            "prefect.resource.name": scrub(result.title)[:_MAX_LABEL],
+            "ferrumdeck.flow": result.flow,
+            "ferrumdeck.outcome": outcome,
+            "ferrumdeck.target": targets(result),
+            "ferrumdeck.dry-run": "true" if result.dry_run else "false",
+        },
+        "related": related,
+        "payload": {
+            "outcome": outcome,
+            "cause": scrub(result.cause())[:500],
+            "flow_run_id": flow_run_id,
+            "title": scrub(result.title),
+            "actions": counts,
+            "checks": {"passed": sum(c.ok for c in result.checks), "failed": len(result.failed_checks)},
+        },
+    }
+
+
+def announce(result: RecoveryResult) -> None:
+    """Record the run's metrics and emit its outcome event; never raises (a recovery outlives its telemetry)."""
+    from prefect.context import FlowRunContext
+
+    run = getattr(FlowRunContext.get(), "flow_run", None)
+    started = None
+    if run is not None:
+        started = run.start_time or (run.state.timestamp if run.state is not None and run.state.is_running() else None)
+    try:
+        from tasks import metrics
+
+        metrics.record_run(result, started=started)
+        created_by = getattr(run, "created_by", None)
+        if run is not None and started is not None and getattr(created_by, "type", None) == "AUTOMATION":
+            metrics.observe_alert_to_start_later(flow=result.flow, flow_run_id=str(run.id), started=started)
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger(__name__).warning("metrics of %s not recorded: %s: %s", result.flow, type(e).__name__, e)
+    try:
+        from prefect.events import emit_event
+
+        emit_event(**outcome_event(result, flow_run_id=str(run.id) if run is not None else None,
+                                   flow_run_name=getattr(run, "name", None)))
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger(__name__).warning("outcome event of %s not emitted: %s: %s", result.flow, type(e).__name__, e)
+
+
 def conclude(result: R, *, key: str | None = None) -> R | State:
-    """Publish the report; return the result (Completed) or a Failed state carrying it when the outcome fails."""
+    """Publish the report, record the run's metrics and emit its outcome event; return the result (Completed)
+    or a Failed state carrying it when the outcome fails."""
     from prefect import get_run_logger
     from prefect.states import Failed
 
     publish(result, key=key)
     get_run_logger().info("%s: %s — %s", result.flow, result.outcome.value, scrub(result.cause()))
+    announce(result)
     if result.outcome.failing:
         return Failed(message=f"{result.outcome.value}: {scrub(result.cause())}"[:500], data=result)
     return result
-
-
-@dataclass
-class Report:  # legacy: removed once every flow renders from its RecoveryResult
-    """A four-part report built up as a flow runs, then published once as a keyed markdown artifact."""
-
-    title: str
-    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    outcome: str = "completed"
-    parts: dict[str, list[str]] = field(default_factory=lambda: {s: [] for s in SECTIONS})
-
-    def add(self, section: str, text: str) -> None:
-        """Append a paragraph (or bullet) to one of Observed / Decided / Done / Verified."""
-        self.parts[section].append(scrub(text))
-
-    def table(self, section: str, rows: Iterable[Mapping[str, Any]], *, caption: str = "", limit: int = 50) -> None:
-        """Append a table to a section, with an optional caption line above it."""
-        block = (f"**{scrub(caption)}**\n\n" if caption else "") + markdown_table(rows, limit=limit)
-        self.parts[section].append(block)
-
-    def to_markdown(self) -> str:
-        head = [f"# {self.title}", "", f"Outcome: **{self.outcome}** · started {self.started_at:%Y-%m-%d %H:%M:%S} UTC"]
-        body: list[str] = []
-        for section in SECTIONS:
-            body += ["", f"## {section}", ""]
-            body += ["\n\n".join(self.parts[section]) or "_nothing_"]
-        return "\n".join(head + body) + "\n"
-
-    def publish(self, *, key: str, description: str | None = None) -> str:
-        """Create the keyed markdown artifact (key: lowercase letters, digits, dashes) and return its markdown."""
-        from prefect.artifacts import create_markdown_artifact
-
-        markdown = self.to_markdown()
-        create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description or self.title)
-        return markdown
 
 
 def artifact_key(text: str) -> str:

@@ -4,7 +4,8 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.guard import Budget, is_truthy, may_remove_worker
-from tasks.report import Report, artifact_key, markdown_table, scrub
+from tasks.outcome import RecoveryResult, Table
+from tasks.report import artifact_key, markdown_table, render, scrub
 from tasks.settings import Settings
 
 
@@ -38,10 +39,10 @@ def test_scrub_removes_url_credentials_and_bearer_tokens():
 
 
 def test_report_has_four_sections_and_escapes_cells():
-    r = Report(title="queue-sweep")
-    r.add("Observed", "3 pending")
-    r.table("Done", [{"id": "1-0", "why": "a|b"}])
-    md = r.to_markdown()
+    r = RecoveryResult(flow="queue-sweep", title="queue-sweep")
+    r.note("observed", "3 pending")
+    r.note("decided", Table(rows=[{"id": "1-0", "why": "a|b"}]))
+    md = render(r)
     for section in ("## Observed", "## Decided", "## Done", "## Verified"):
         assert section in md
     assert "a\\|b" in md and "_nothing_" in md
