@@ -8,7 +8,10 @@ published first (and with `dry_run` it is the only thing that happens); then eac
 rest still running when one fails. Triage reads each subflow's typed result from its final state (never its
 report): one action per subflow that acted and one check per subflow ("<flow> verified"), so its own outcome
 is ``partial``/``not_verified``/``failed`` — and the run Failed — when any subflow's is, or a subflow ended
-Failed.
+Failed. Last (unless ``timeline`` is off), `incident-timeline` assembles the incident of this run — alerts,
+watcher events, each subflow's actions and checks, MTTR, counts, root-cause hints — as its own report and a
+postmortem markdown file; its link and summary are in triage's result. It is read-only and never changes
+triage's outcome.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows._ui import describe_parameters
+from flows.incident_timeline import FLOW_NAME as TIMELINE
+from flows.incident_timeline import TimelineSummary, incident_timeline, summarize
 from tasks import runs
 from tasks.correlate import PlanStep, TriageObservation, plan_triage
 from tasks.errors import RETRY
@@ -81,6 +86,7 @@ class TriageResult(RecoveryResult):
     alertname: str | None = None
     plan: list[PlanStep] = Field(default_factory=list)
     steps: list[StepResult] = Field(default_factory=list)
+    timeline: TimelineSummary | None = Field(None, description="The incident timeline of this run (last step).")
 
     @property
     def failing_steps(self) -> list[StepResult]:
@@ -218,6 +224,23 @@ def run_step(step: PlanStep, params: dict[str, Any]) -> StepResult:
     return done
 
 
+def run_timeline(result: TriageResult, params: dict[str, Any]) -> None:
+    """Last step: the incident timeline of this triage run, as a subflow; its link and summary go into the
+    result (a note, never a check: it documents the incident and does not change triage's outcome)."""
+    accepted, ignored = split_parameters(incident_timeline, {"flow_run_id": flow_run.get_id(), **params})
+    try:
+        result.timeline = summarize(incident_timeline(**accepted, return_state=True))
+    except Exception as e:  # noqa: BLE001 - a timeline that cannot be assembled leaves the recovery as it is
+        result.timeline = TimelineSummary(summary=f"not assembled: {type(e).__name__}: {scrub(str(e))[:300]}")
+    t = result.timeline
+    where = f"; file `{t.markdown_path}`" if t.markdown_path else ""
+    link = f"; run {t.link}" if t.link else ""
+    ignored_text = f" (ignored parameters: {', '.join(ignored)})" if ignored else ""
+    result.note("observed", f"Incident timeline: {t.summary}{where}{link}{ignored_text}.")
+    if t.outcome is None or t.outcome.failing:
+        get_run_logger().warning("incident timeline: %s", t.summary)
+
+
 @flow(name=FLOW_NAME, flow_run_name=_run_name)
 @describe_parameters
 def worker_failure_triage(
@@ -230,9 +253,12 @@ def worker_failure_triage(
     backlog_threshold: Annotated[int | None, Field(ge=0, description="Lag above which to add workers.")] = None,
     subflow_parameters: Annotated[
         dict[str, dict[str, Any]] | None,
-        Field(description="Extra parameters per planned flow, e.g. {\"worker-hang-recovery\": {\"samples\": 3}}."),
+        Field(description="Extra parameters per planned flow, e.g. {\"worker-hang-recovery\": {\"samples\": 3}}; "
+                          "also for the last step, e.g. {\"incident-timeline\": {\"lookback_minutes\": 5}}."),
     ] = None,
     stop_on_failure: Annotated[bool, Field(description="Stop the plan at the first failing step.")] = False,
+    timeline: Annotated[bool, Field(description="End with the incident timeline of this run (report and "
+                                               "postmortem markdown file).")] = True,
 ) -> TriageResult:
     """Observe pods, queue, runs, MCP and LLM once; plan the recoveries; publish the plan; run every step."""
     settings = get_settings()
@@ -266,4 +292,6 @@ def worker_failure_triage(
                                                state=SKIPPED, cause="skipped: an earlier step failed (stop_on_failure)"))
                 continue
             record_step(result, run_step(step, params))
+        if timeline:
+            run_timeline(result, extra.get(TIMELINE, {}))
     return conclude(result)

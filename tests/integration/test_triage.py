@@ -4,6 +4,7 @@ and end with an outcome computed from the subflows' typed results (Failed when a
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from prefect import flow
@@ -27,11 +28,20 @@ from tests.integration._recovery_fixtures import (
     seed_pending,
     worker_pods,
 )
+from tests.integration.test_incident_timeline import persisting, post_alert, stored, ui
 from tests.integration.test_mcp_recovery import report_of
 
 pytestmark = pytest.mark.timeout(150)
 env = fx.env  # the per-test settings fixture
 CRASH, MCP, CHECK = "worker-crash-recovery", "mcp-server-recovery", "post-recovery-check"
+TIMELINE = "incident-timeline"
+
+
+@pytest.fixture(autouse=True)
+def timeline_dir(tmp_path, monkeypatch) -> Path:
+    """Triage ends with the incident timeline: its postmortem files go to this test's directory."""
+    monkeypatch.setenv("FD_TIMELINE_DIR", str(tmp_path / "incidents"))
+    return tmp_path / "incidents"
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +184,34 @@ def test_stop_on_failure_skips_the_recoveries_after_a_failure_but_still_checks(e
     assert result.steps[1].flow_run_id is None and queue_state(redis, s) == before and deletions(cluster) == []
     assert result.steps[2].outcome is Outcome.NOT_VERIFIED  # the crashed worker is still there, and the check says so
     assert [st.flow for st in result.failing_steps] == [MCP, CHECK]
+
+
+def test_triage_ends_with_the_incident_timeline_of_its_run(env, cluster, redis, tmp_path, timeline_dir):
+    s = env
+    since = datetime.now(UTC)
+    a, steps = crashed_worker(cluster, redis, s)
+    post_alert("WorkerOutOfMemory", pod=a)  # an alert no recovery is routed to: triage's
+    stored({"ferrumdeck.alert.firing": 1}, since=since)
+    with persisting(tmp_path / "results"), ReplacementConsumer(cluster, s, known=worker_pods(cluster, s, ready_only=False)):
+        state = worker_failure_triage(dry_run=False, check_mcp=False, alertname="WorkerOutOfMemory", return_state=True,
+                                      subflow_parameters={CRASH: {"verify_consuming_s": 15}, TIMELINE: {"since": since}})
+
+    result = state.result()
+    assert state.is_completed() and result.outcome is Outcome.RECOVERED  # the timeline changes no outcome
+    assert [st.flow for st in result.steps] == [CRASH, CHECK] and len(result.checks) == 2
+    assert_crash_recovered(redis, cluster, s, a, steps)
+    tl = result.timeline
+    assert tl.outcome is Outcome.NOTHING_TO_DO and tl.link == f"{ui()}/runs/flow-run/{tl.flow_run_id}"
+    # the crash recovery's typed counts: 2 requeued at once, the poison dead-lettered, its run failed
+    assert (tl.counts.requeued, tl.counts.dead_lettered, tl.counts.runs_failed) == (2, 1, 1)
+    assert tl.mttr_s is not None and tl.mttr_s > 0 and tl.summary.startswith("MTTR ")
+    assert Path(tl.markdown_path).parent == timeline_dir
+    md = Path(tl.markdown_path).read_text()
+    assert md.startswith("# Incident timeline of worker-failure-triage")
+    assert "WorkerOutOfMemory firing" in md and f"worker {a} oom-killed" in md
+    for st in result.steps:  # every subflow linked, with its outcome
+        assert f"{ui()}/runs/flow-run/{st.flow_run_id}" in md and f"| {st.flow}: {st.outcome.value} |" in md
+    assert md.index("WorkerOutOfMemory firing") < md.index(f"{CRASH} started") < md.index(f"{CHECK} started")
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(tl.flow_run_id).parent_task_run_id is not None  # a subflow of this triage
+    assert f"Incident timeline: {tl.summary}" in report_of(state, key="worker-failure-triage")

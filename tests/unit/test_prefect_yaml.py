@@ -12,7 +12,7 @@ SPECS = read_deployment_specs()
 EXPECTED = {
     "queue-sweep", "dlq-replay", "diagnose-workers", "stuck-runs-sweep", "fail-run", "retry-step",
     "worker-crash-recovery", "worker-hang-recovery", "llm-provider-failover", "llm-provider-failback",
-    "mcp-server-recovery", "scale-workers", "post-recovery-check", "worker-failure-triage",
+    "mcp-server-recovery", "scale-workers", "post-recovery-check", "worker-failure-triage", "incident-timeline",
 }
 
 
