@@ -7,7 +7,14 @@ a single ``POST {PREFECT_API_URL}/events``. When Prefect does not take them it a
 retries, and it forgets the alerts it could not deliver, so the retry is not dropped as a duplicate.
 
 Endpoints: ``POST /alertmanager``, ``POST /grafana``, ``GET /healthz``, ``GET /heartbeat`` (when a heartbeat
-alert — ``Watchdog`` / ``FerrumDeckHeartbeat`` — last arrived; the post-recovery check reads it).
+alert — ``Watchdog`` / ``FerrumDeckHeartbeat`` — last arrived; the post-recovery check reads it), ``GET /metrics``
+(Prometheus: requests by endpoint and status, events forwarded and rejected, heartbeats).
+
+Each alert event names what it is about as related resources, so the Prefect UI links an alert to the pod and the
+Kubernetes Deployment the recovery acts on (``ferrumdeck.pod.<pod>``, ``ferrumdeck.deployment.<ns>.<name>``: the
+same resources the watcher's and the recoveries' own events use). The flow run a trigger starts is linked by
+Prefect itself: its ``prefect.automation.action.triggered`` event relates the alert event (role
+``triggering-event``) and the new flow run (role ``flow-run``).
 
 Dedupe lives in memory unless ``FD_BRIDGE_REDIS_URL`` is set: run several replicas only with Redis.
 """
@@ -20,6 +27,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,10 +35,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -59,7 +69,8 @@ class BridgeSettings(BaseSettings):
 
     FD_BRIDGE_HOST, FD_BRIDGE_PORT, FD_BRIDGE_TOKEN, FD_BRIDGE_BASIC_USER, FD_BRIDGE_BASIC_PASSWORD,
     FD_BRIDGE_DEDUPE_WINDOW_S, FD_BRIDGE_MAX_BODY_BYTES, FD_BRIDGE_PREFECT_API_URL,
-    FD_BRIDGE_PREFECT_TIMEOUT_S, FD_BRIDGE_REDIS_URL, FD_BRIDGE_REDIS_PREFIX. The Prefect API URL and
+    FD_BRIDGE_PREFECT_TIMEOUT_S, FD_BRIDGE_REDIS_URL, FD_BRIDGE_REDIS_PREFIX, FD_BRIDGE_NAMESPACE,
+    FD_BRIDGE_ALERT_DEPLOYMENTS. The Prefect API URL and
     credentials otherwise come from Prefect's own settings (PREFECT_API_URL, PREFECT_API_AUTH_STRING).
     """
 
@@ -76,6 +87,13 @@ class BridgeSettings(BaseSettings):
     prefect_timeout_s: float = Field(5.0, gt=0, le=60, description="Timeout of the POST to Prefect.")
     redis_url: SecretStr | None = Field(None, description="Redis for dedupe and heartbeat shared by replicas.")
     redis_prefix: str = Field("fd:bridge", min_length=1, description="Redis key prefix of the bridge's state.")
+    namespace: str = Field("ferrumdeck", min_length=1, description="Namespace of an alert without a namespace label.")
+    alert_deployments: dict[str, str] = Field(
+        default_factory=lambda: {"WorkerCrashLooping": "worker", "WorkerHung": "worker", "LLMProviderErrors": "worker",
+                                 "QueueBacklog": "worker", "MCPServerDown": "mcp-server"},
+        description="Alert -> the Kubernetes Deployment its recovery acts on, when neither a `deployment` label nor "
+        "a pod name says.",
+    )
 
     @model_validator(mode="after")
     def _credentials(self) -> BridgeSettings:
@@ -88,6 +106,55 @@ class BridgeSettings(BaseSettings):
         if self.token is None and self.basic_user is None:
             raise ValueError("the bridge needs credentials: FD_BRIDGE_TOKEN and/or FD_BRIDGE_BASIC_USER/PASSWORD")
         return self
+
+
+_REPLICASET_POD = re.compile(r"^(?P<deployment>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)-[a-z0-9]{1,10}-[a-z0-9]{5}$")
+
+
+def related_resources(labels: dict[str, str], *, settings: BridgeSettings) -> list[dict[str, str]]:
+    """Pure: the pod and the Kubernetes Deployment an alert is about, as Prefect related resources.
+
+    The pod from its ``pod`` label; the Deployment from a ``deployment`` label, else the pod's name
+    (``<deployment>-<replicaset hash>-<pod hash>``), else ``alert_deployments``.
+    """
+    namespace = labels.get("namespace") or settings.namespace
+    related = []
+    pod = labels.get("pod", "")
+    if pod:
+        related.append({"prefect.resource.id": f"ferrumdeck.pod.{pod}", "prefect.resource.role": "pod",
+                        "prefect.resource.name": pod, "kubernetes.namespace": namespace})
+    match = _REPLICASET_POD.match(pod)
+    deployment = (labels.get("deployment") or (match["deployment"] if match else "")
+                  or settings.alert_deployments.get(labels.get("alertname", ""), ""))
+    if deployment:
+        related.append({"prefect.resource.id": f"ferrumdeck.deployment.{namespace}.{deployment}",
+                        "prefect.resource.role": "kubernetes-deployment", "prefect.resource.name": deployment,
+                        "kubernetes.namespace": namespace})
+    return related
+
+
+class BridgeMetrics:
+    """The bridge's Prometheus metrics, in a registry of its own (one per app)."""
+
+    ENDPOINTS = frozenset({"/alertmanager", "/grafana", "/healthz", "/heartbeat", "/metrics"})
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("ferrumdeck_bridge_requests", "Requests the alert bridge answered, by endpoint and "
+                                "HTTP status.", ["endpoint", "status"], registry=self.registry)
+        self.forwarded = Counter("ferrumdeck_bridge_events_forwarded", "Alert events delivered to Prefect, by source "
+                                 "(alertmanager, grafana) and event.", ["source", "event"], registry=self.registry)
+        self.rejected = Counter("ferrumdeck_bridge_events_rejected", "Alerts not forwarded, by source and reason "
+                                "(duplicate, prefect_unavailable, dedupe_unavailable).", ["source", "reason"],
+                                registry=self.registry)
+        self.heartbeats = Counter("ferrumdeck_bridge_heartbeats", "Heartbeat alerts received (Watchdog, "
+                                  "FerrumDeckHeartbeat).", registry=self.registry)
+        self.heartbeat_last_seen = Gauge("ferrumdeck_bridge_heartbeat_last_seen_timestamp_seconds",
+                                         "Unix time this bridge last received a heartbeat alert (0: none yet).",
+                                         registry=self.registry)
+
+    def count_request(self, path: str, status: int) -> None:
+        self.requests.labels(path if path in self.ENDPOINTS else "other", str(status)).inc()
 
 
 class PrefectTarget(BaseModel):
@@ -216,6 +283,7 @@ def create_app(
             else MemoryDeduper(window_s=settings.dedupe_window_s)
         )
     heartbeat = Heartbeat(redis=redis, key=f"{settings.redis_prefix}:heartbeat")
+    metrics = BridgeMetrics()
     state: dict[str, httpx.AsyncClient] = {}
     if http_client is not None:
         state["client"] = http_client
@@ -247,7 +315,10 @@ def create_app(
                 status_code=401,
                 headers={"WWW-Authenticate": 'Bearer realm="fd-bridge", Basic realm="fd-bridge"'},
             )
-        body = await _read_body(request, settings.max_body_bytes)
+        try:
+            body = await _read_body(request, settings.max_body_bytes)
+        except ClientDisconnect:  # the sender hung up mid-body: nothing to answer, and not our error (no 500)
+            return _problem(400, "the client disconnected before the whole body arrived")
         if body is None:
             return _problem(413, f"body larger than {settings.max_body_bytes} bytes")
         try:
@@ -267,20 +338,28 @@ def create_app(
         if isinstance(group, Response):
             return group
         translated, heartbeats = translate(group, source=source, occurred=datetime.now(UTC), new_id=uuid.uuid4)
+        for t in translated:
+            t.event["related"] = related_resources(t.event["payload"]["labels"], settings=settings)
         for alert in heartbeats:
             await heartbeat.record(alert.alertname)
+            metrics.heartbeats.inc()
+            metrics.heartbeat_last_seen.set(heartbeat.last_seen or time.time())
         if group.truncatedAlerts:
             log.warning("%s left out %d alerts of a group (max_alerts)", source, group.truncatedAlerts)
         try:
             claimed = set(await deduper.claim([t.key for t in translated]))
         except DedupeError as e:
             log.warning("%s; asking the sender to retry", e)
+            if translated:
+                metrics.rejected.labels(source, "dedupe_unavailable").inc(len(translated))
             return _problem(503, "dedupe store unavailable; retry", headers={"Retry-After": "5"})
         fresh = [t for t in translated if t.key in claimed]
         for t in translated:
             if t.key not in claimed:
                 log.info("duplicate alert %s fingerprint=%s dropped", t.alertname, t.fingerprint)
+                metrics.rejected.labels(source, "duplicate").inc()
         if fresh and not await deliver([t.event for t in fresh]):
+            metrics.rejected.labels(source, "prefect_unavailable").inc(len(fresh))
             try:
                 await deduper.release(claimed)
             except DedupeError as e:  # the keys expire with the window; a retry inside it is dropped
@@ -288,6 +367,7 @@ def create_app(
             return _problem(503, "Prefect API did not accept the events; retry", headers={"Retry-After": "5"})
         for t in fresh:
             log.info("alert %s %s fingerprint=%s -> event", t.alertname, t.event["event"], t.fingerprint)
+            metrics.forwarded.labels(source, t.event["event"]).inc()
         return JSONResponse(
             {
                 "events": len(fresh),
@@ -309,6 +389,10 @@ def create_app(
     async def heartbeat_view(request: Request) -> Response:
         return JSONResponse(await heartbeat.read())
 
+    async def metrics_view(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(metrics.registry), media_type=content_type)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         owned = "client" not in state
@@ -328,13 +412,40 @@ def create_app(
             Route("/grafana", grafana, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/heartbeat", heartbeat_view, methods=["GET"]),
+            Route("/metrics", metrics_view, methods=["GET"]),
         ],
         lifespan=lifespan,
     )
+    app.add_middleware(_CountRequests, metrics=metrics)
     app.state.deduper = deduper
     app.state.heartbeat = heartbeat
     app.state.target = target
+    app.state.metrics = metrics
     return app
+
+
+class _CountRequests:
+    """ASGI middleware: count every HTTP response by endpoint and status (``ferrumdeck_bridge_requests_total``)."""
+
+    def __init__(self, app: Any, *, metrics: BridgeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def record(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            self.metrics.count_request(scope.get("path", ""), status["code"])
 
 
 def run_bridge(settings: BridgeSettings, *, log_level: str = "info") -> None:

@@ -167,11 +167,53 @@ def _add_watch(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_watch)
 
 
+def _notifications(args: argparse.Namespace) -> int:
+    from prefect.settings import get_current_settings
+    from pydantic import ValidationError
+
+    from deployments.notifications import apply_notifications
+    from tasks.settings import Settings
+
+    if not get_current_settings().api.url:  # never apply to a throwaway ephemeral server
+        print("fd-recovery notifications: no Prefect API: set PREFECT_API_URL", file=sys.stderr)
+        return 2
+    try:
+        applied = apply_notifications(Settings())
+    except ValidationError as e:  # the messages only: the input may hold a webhook URL with its token
+        for error in e.errors(include_input=False, include_url=False):
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            print(f"fd-recovery notifications: {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - no Prefect API, a refused block: say so, no traceback
+        print(f"fd-recovery notifications: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if not applied.blocks:
+        print("no FD_NOTIFY_SLACK_WEBHOOK_URL / FD_NOTIFY_WEBHOOK_URL set: notifications off")
+    for name in applied.blocks:
+        print(f"block {name}: saved")
+    for name, fate in applied.automations.items():
+        print(f"automation {name!r}: {fate}")
+    return 0
+
+
+def _add_notifications(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "notifications",
+        help="create/update the Prefect notification blocks and automations (Slack, generic webhook)",
+        description="`apply`: save the notification blocks (FD_NOTIFY_SLACK_WEBHOOK_URL, FD_NOTIFY_WEBHOOK_URL) and "
+        "the automations that send through them on recovery outcomes (FD_NOTIFY_OUTCOMES) and crashed recovery "
+        "runs, idempotently by name, to the Prefect API in PREFECT_API_URL. With no URL set the automations are "
+        "removed.",
+    )
+    p.add_argument("action", choices=["apply"], help="apply: create or update them from the settings")
+    p.set_defaults(handler=_notifications)
+
+
 # --- other subcommands -------------------------------------------------------------------------------
 # Each handler imports its own module lazily and returns an exit code.
 # ------------------------------------------------------------------------------------------------------
 
-_REGISTRARS = [_add_bridge, _add_sandbox, _add_serve, _add_demo, _add_watch]
+_REGISTRARS = [_add_bridge, _add_sandbox, _add_serve, _add_demo, _add_watch, _add_notifications]
 _PASSED_ON = {"sandbox", "demo"}  # subcommands whose options their own module parses, verbatim
 
 

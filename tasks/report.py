@@ -167,8 +167,9 @@ def outcome_event(result: RecoveryResult, *, flow_run_id: str | None, flow_run_n
     }
 
 
-def announce(result: RecoveryResult) -> None:
-    """Record the run's metrics and emit its outcome event; never raises (a recovery outlives its telemetry)."""
+def announce(result: RecoveryResult, *, emit: bool = True) -> None:
+    """Record the run's metrics and (``emit``) its outcome event; never raises (a recovery outlives its
+    telemetry). A run that publishes no report of its own (an idle sweep) calls it with ``emit=False``."""
     from prefect.context import FlowRunContext
 
     run = getattr(FlowRunContext.get(), "flow_run", None)
@@ -184,11 +185,20 @@ def announce(result: RecoveryResult) -> None:
             metrics.observe_alert_to_start_later(flow=result.flow, flow_run_id=str(run.id), started=started)
     except Exception as e:  # noqa: BLE001
         logging.getLogger(__name__).warning("metrics of %s not recorded: %s: %s", result.flow, type(e).__name__, e)
+    if not emit:
+        return
     try:
-        from prefect.events import emit_event
+        spec = outcome_event(result, flow_run_id=str(run.id) if run is not None else None,
+                             flow_run_name=getattr(run, "name", None))
+        try:  # through the recovery events' outbox, which relates the run itself, when there is one
+            from tasks.events import emit_reliably
+            from tasks.settings import get_settings
+        except ImportError:
+            from prefect.events import emit_event
 
-        emit_event(**outcome_event(result, flow_run_id=str(run.id) if run is not None else None,
-                                   flow_run_name=getattr(run, "name", None)))
+            emit_event(**spec)
+        else:
+            emit_reliably({**spec, "related": []}, settings=get_settings())
     except Exception as e:  # noqa: BLE001
         logging.getLogger(__name__).warning("outcome event of %s not emitted: %s: %s", result.flow, type(e).__name__, e)
 

@@ -26,6 +26,15 @@ class Settings(BaseSettings):
     stream: str = Field("fd:queue:steps", min_length=1, description="Stream the workers read steps from.")
     group: str = Field("workers", min_length=1, description="Consumer group of the workers.")
     dlq_stream: str = Field("fd:queue:dlq", min_length=1, description="Dead-letter stream.")
+    dlq_max_age_days: float = Field(
+        30.0, ge=0, description="`queue-sweep` trims DLQ entries dead-lettered longer ago than this (0 = keep all)."
+    )
+    dlq_max_length: int = Field(
+        0, ge=0, description="`queue-sweep` trims the oldest DLQ entries beyond this many (0 = no length limit)."
+    )
+    dlq_trim_per_run: int = Field(
+        10_000, ge=1, le=1_000_000, description="At most this many DLQ entries trimmed per `queue-sweep` run."
+    )
 
     # --- runs database ---
     database_url: SecretStr = Field(
@@ -173,11 +182,96 @@ class Settings(BaseSettings):
     )
     target_cooldown_s: int = Field(300, ge=0, description="A target (pod, deployment) is acted on once per this.")
 
+    # --- approval of large blast radii (a person approves the plan in the Prefect UI; tasks/approval.py) ---
+    approval_pod_deletions: int = Field(
+        5, ge=0, description="A run that would delete/evict more worker pods than this waits for a person's approval."
+    )
+    approval_dlq_replays: int = Field(
+        500, ge=0, description="A `dlq-replay` run that would replay more entries than this waits for approval."
+    )
+    approval_failed_runs: int = Field(
+        50, ge=0, description="A run that would fail more FerrumDeck runs than this waits for a person's approval."
+    )
+    approval_llm_switch: bool = Field(
+        False, description="Every switch of the workers' LLM model (failover, failback) waits for approval."
+    )
+    approval_timeout_s: float = Field(
+        3600.0, gt=0, le=7 * 86_400, description="How long a run waits for approval; no answer = rejected (no change)."
+    )
+    approval_poll_s: float = Field(
+        5.0, gt=0, le=60, description="How often a run waiting for approval checks for the answer, in seconds."
+    )
+
+    # --- notifications (Prefect automations + notification blocks; `fd-recovery notifications apply`) ---
+    notify_slack_webhook_url: SecretStr | None = Field(
+        None, description="Slack incoming webhook URL; set: a Prefect `Slack Webhook` block gets the notifications."
+    )
+    notify_webhook_url: SecretStr | None = Field(
+        None, description="Generic webhook URL; set: a Prefect `Custom Webhook` block POSTs the notifications as JSON."
+    )
+    notify_webhook_token: SecretStr | None = Field(
+        None, description="Bearer token the generic webhook sends (stored as a secret of its block)."
+    )
+    notify_outcomes: list[str] = Field(
+        default_factory=lambda: ["not_verified", "partial", "failed", "refused"],
+        description="Recovery outcomes that notify a person (a crashed flow run always does).",
+    )
+    notify_ui_url: str | None = Field(
+        None, description="Prefect UI base URL the messages link runs to; default: Prefect's UI URL (from PREFECT_API_URL)."
+    )
+    notify_name_prefix: str = Field(
+        "ferrumdeck-recovery", pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Name prefix of the notification blocks and automations `notifications apply` manages.",
+    )
+
+    # --- `fd-recovery serve` surviving its own failures (deployments/inprocess_runner.py, tasks/events.py) ---
+    runner_claim_lease_s: float = Field(
+        30.0, ge=3, le=600,
+        description="A serve replica's claim on a flow run lapses this long after its last renewal (renewed every "
+        "third): a replica that died is noticed this long after.",
+    )
+    runner_zombie_scan_s: float = Field(
+        10.0, gt=0, le=300,
+        description="How often each serve replica looks for Pending/Running runs whose replica died (claim lapsed); "
+        "such a run is Crashed within runner_claim_lease_s + this.",
+    )
+    runner_rerun_zombies: bool = Field(
+        True,
+        description="Start a new run (same deployment and parameters) for a run Crashed because its replica died "
+        "or stopped; not for scheduled runs (their next slot re-runs them).",
+    )
+    runner_max_reruns: int = Field(
+        2, ge=0, le=10, description="A run already re-run this many times in a row is only Crashed, not re-run again."
+    )
+    runner_grace_s: float = Field(
+        45.0, ge=0, le=3600,
+        description="On SIGTERM, running flows get this long to finish (keep it below the pod's "
+        "terminationGracePeriodSeconds); the rest are Crashed and re-run by another replica.",
+    )
+    events_outbox_max: int = Field(
+        10_000, ge=0, le=1_000_000,
+        description="Recovery events kept in Redis while the Prefect API is unreachable (oldest dropped beyond); "
+        "0 = no outbox, Prefect's in-memory buffer only.",
+    )
+    events_max_age_s: float = Field(
+        3600.0, gt=0, description="A recovery event not delivered within this long is dropped (logged), not sent late."
+    )
+
     @field_validator("stream", "group", "dlq_stream")
     @classmethod
     def _no_whitespace(cls, value: str) -> str:
         if value != value.strip() or not value.strip():
             raise ValueError("must be a non-empty name without surrounding whitespace")
+        return value
+
+    @field_validator("notify_outcomes")
+    @classmethod
+    def _known_outcomes(cls, value: list[str]) -> list[str]:
+        from tasks.outcome import Outcome
+
+        unknown = [v for v in value if v not in {o.value for o in Outcome}]
+        if unknown:
+            raise ValueError(f"unknown outcomes {', '.join(unknown)}: use {', '.join(o.value for o in Outcome)}")
         return value
 
     def consumer_for_pod(self, pod: str) -> str:

@@ -338,3 +338,68 @@ def test_fd_recovery_bridge_command_serves_healthz(stream):
         output = proc.communicate(timeout=10)[0].decode()
     assert TOKEN not in output
     assert "WorkerCrashLooping" in output
+
+
+def test_an_alert_event_links_its_pod_deployment_and_the_flow_run_its_trigger_started(bridge, stream):
+    """What the Prefect UI shows: the stored alert event relates the pod and the Deployment; the automation's
+    ``action.triggered`` event relates that alert event (triggering-event) and the flow run it created, which is
+    how ``tasks.metrics`` finds the alert-to-start time."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.events import DeploymentEventTrigger
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    from tasks.metrics import triggering_event_time
+
+    suffix = uuid.uuid4().hex[:8]
+    alertname = f"LinkTest{suffix}"
+
+    @flow(name="fd-bridge-link-test")
+    def linked(pod: str = "") -> str:
+        return pod
+
+    trigger = DeploymentEventTrigger(
+        name=f"{alertname} firing -> link-test", description=f"Alert {alertname} starts the link test.",
+        match={"prefect.resource.id": f"ferrumdeck.alert.{alertname}"}, expect={"ferrumdeck.alert.firing"},
+        parameters={"pod": "{{ event.payload.labels.pod }}"},
+    )
+    deployment_id = linked.to_deployment(name=f"link-{suffix}", triggers=[trigger]).apply()
+    pod = f"worker-7d9f8b6c5d-{suffix[:5]}"
+    sent: dict[str, dict] = {}
+
+    def fire_until_a_run_exists() -> list:  # the server loads a new automation asynchronously
+        alert = unique_alert(alertname, pod=pod)
+        assert post(bridge, am_body(alert)).status_code == 200
+        sent[alert["fingerprint"]] = alert
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+    deadline = time.monotonic() + 60
+    while not (runs := fire_until_a_run_exists()):
+        assert time.monotonic() < deadline, "the trigger never started a run"
+        time.sleep(0.5)  # poll
+    run = runs[0]
+    assert run.parameters == {"pod": pod}
+    assert run.created_by is not None and run.created_by.type == "AUTOMATION"
+    assert run.created_by.display_value == f"{alertname} firing -> link-test"  # the automation's name
+
+    def action_event() -> list:
+        with get_client(sync_client=True) as client:
+            return client.read_events(filter=EventFilter(
+                event=EventNameFilter(name=["prefect.automation.action.triggered"]),
+                related=EventRelatedFilter(resources_in_roles=[(f"prefect.flow-run.{run.id}", "flow-run")]),
+            ), limit=10).events
+
+    deadline = time.monotonic() + 30
+    while not (found := action_event()):
+        assert time.monotonic() < deadline, "no action.triggered event relates the flow run"
+        time.sleep(0.5)  # poll
+    roles = {r.role: r.id for r in found[0].related}
+    alert_event_id = roles["triggering-event"].removeprefix("prefect.event.")
+    stored = [e for fingerprint in sent for e in wait_for_events(fingerprint)]
+    [alert_event] = [e for e in stored if e["id"] == alert_event_id]
+    related = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in alert_event["related"]}
+    assert related == {"pod": f"ferrumdeck.pod.{pod}", "kubernetes-deployment": "ferrumdeck.deployment.ferrumdeck.worker"}
+    occurred = triggering_event_time(str(run.id))
+    assert occurred is not None and occurred.isoformat().startswith(alert_event["occurred"][:19])

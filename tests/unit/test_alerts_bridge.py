@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 
@@ -332,3 +333,129 @@ def test_unreachable_dedupe_store_answers_503_and_sends_nothing(stub):
         r = c.post("/alertmanager", json=am_body(am_alert(pod="p1")), headers=AUTH)
     assert r.status_code == 503 and "dedupe" in r.json()["error"]
     assert stub.posts == []
+
+
+# --- related resources: the UI links an alert to the pod and the Deployment its recovery acts on ---------------
+
+def related_by_role(event: dict) -> dict[str, dict]:
+    return {r["prefect.resource.role"]: r for r in event["related"]}
+
+
+def test_alert_events_relate_the_pod_and_its_deployment(client, stub):
+    r = client.post("/alertmanager", json=am_body(am_alert(pod="worker-7d9f8b6c5d-abc12", namespace="prod")),
+                    headers=AUTH)
+    assert r.status_code == 200, r.text
+    [event] = stub.events
+    related = related_by_role(event)
+    assert related["pod"] == {"prefect.resource.id": "ferrumdeck.pod.worker-7d9f8b6c5d-abc12",
+                              "prefect.resource.role": "pod", "prefect.resource.name": "worker-7d9f8b6c5d-abc12",
+                              "kubernetes.namespace": "prod"}
+    assert related["kubernetes-deployment"]["prefect.resource.id"] == "ferrumdeck.deployment.prod.worker"
+    assert related["kubernetes-deployment"]["prefect.resource.name"] == "worker"
+
+
+@pytest.mark.parametrize(("alert", "pod", "deployment"), [
+    (am_alert("MCPServerDown", deployment="mcp-server"), None, "ferrumdeck.deployment.ferrumdeck.mcp-server"),
+    (am_alert("QueueBacklog", stream="fd:queue:steps"), None, "ferrumdeck.deployment.ferrumdeck.worker"),
+    (am_alert("LLMProviderErrors", provider="openai", model="gpt-4o"), None, "ferrumdeck.deployment.ferrumdeck.worker"),
+    (am_alert("WorkerHung", pod="worker-h", consumer="worker-h"), "ferrumdeck.pod.worker-h",
+     "ferrumdeck.deployment.ferrumdeck.worker"),  # no ReplicaSet-style name: the alert's Deployment
+    (am_alert("RunsStuck"), None, None),
+])
+def test_the_deployment_comes_from_the_label_the_pod_name_or_the_alert(client, stub, alert, pod, deployment):
+    assert client.post("/alertmanager", json=am_body(alert), headers=AUTH).status_code == 200
+    related = related_by_role(stub.events[0])
+    assert related.get("pod", {}).get("prefect.resource.id") == pod
+    assert related.get("kubernetes-deployment", {}).get("prefect.resource.id") == deployment
+
+
+def test_alert_deployments_and_namespace_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FD_BRIDGE_TOKEN", TOKEN)
+    monkeypatch.setenv("FD_BRIDGE_NAMESPACE", "fd-prod")
+    monkeypatch.setenv("FD_BRIDGE_ALERT_DEPLOYMENTS", '{"RunsStuck": "gateway"}')
+    from deployments.bridge import related_resources
+
+    [deployment] = related_resources({"alertname": "RunsStuck"}, settings=BridgeSettings())
+    assert deployment["prefect.resource.id"] == "ferrumdeck.deployment.fd-prod.gateway"
+
+
+# --- /metrics -------------------------------------------------------------------------------------------------
+
+def scrape(client: TestClient) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_metrics_count_forwarded_and_rejected_events_and_requests_by_status(client, stub):
+    body = am_body(am_alert(pod="p1"), am_alert(pod="p2"), am_alert("WorkerCrashLooping", "resolved", pod="p3"))
+    assert client.post("/alertmanager", json=body, headers=AUTH).status_code == 200
+    assert client.post("/alertmanager", json=body, headers=AUTH).status_code == 200  # all duplicates
+    assert client.post("/alertmanager", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.post("/grafana", content=b"{", headers=AUTH).status_code == 400
+    stub.status = 500
+    assert client.post("/alertmanager", json=am_body(am_alert(pod="p4")), headers=AUTH).status_code == 503
+    m = scrape(client)
+    assert m[("ferrumdeck_bridge_events_forwarded_total", (("event", "ferrumdeck.alert.firing"), ("source", "alertmanager")))] == 2
+    assert m[("ferrumdeck_bridge_events_forwarded_total", (("event", "ferrumdeck.alert.resolved"), ("source", "alertmanager")))] == 1
+    assert m[("ferrumdeck_bridge_events_rejected_total", (("reason", "duplicate"), ("source", "alertmanager")))] == 3
+    assert m[("ferrumdeck_bridge_events_rejected_total", (("reason", "prefect_unavailable"), ("source", "alertmanager")))] == 1
+    requests = {labels: v for (name, labels), v in m.items() if name == "ferrumdeck_bridge_requests_total"}
+    assert requests[(("endpoint", "/alertmanager"), ("status", "200"))] == 2
+    assert requests[(("endpoint", "/alertmanager"), ("status", "401"))] == 1
+    assert requests[(("endpoint", "/alertmanager"), ("status", "503"))] == 1
+    assert requests[(("endpoint", "/grafana"), ("status", "400"))] == 1
+    client.get("/no/such/path")
+    assert scrape(client)[("ferrumdeck_bridge_requests_total", (("endpoint", "other"), ("status", "404")))] == 1
+
+
+def test_metrics_record_heartbeats(client, stub):
+    assert scrape(client)[("ferrumdeck_bridge_heartbeat_last_seen_timestamp_seconds", ())] == 0
+    client.post("/alertmanager", json=am_body(am_alert("Watchdog")), headers=AUTH)
+    m = scrape(client)
+    assert m[("ferrumdeck_bridge_heartbeats_total", ())] == 1
+    assert abs(m[("ferrumdeck_bridge_heartbeat_last_seen_timestamp_seconds", ())] - time.time()) < 60
+
+
+def test_unreachable_dedupe_store_counts_rejected_events(stub):
+    from deployments.alerts import DedupeError
+
+    class Broken:
+        async def claim(self, keys):
+            raise DedupeError("dedupe store unavailable: ConnectionError")
+
+        async def release(self, keys):
+            pass
+
+    app = create_app(make_settings(), http_client=httpx.AsyncClient(transport=httpx.MockTransport(stub)),
+                     deduper=Broken(), target=PrefectTarget(events_url=EVENTS_URL))
+    with TestClient(app) as c:
+        assert c.post("/alertmanager", json=am_body(am_alert(pod="a"), am_alert(pod="b")), headers=AUTH).status_code == 503
+        m = scrape(c)
+    assert m[("ferrumdeck_bridge_events_rejected_total", (("reason", "dedupe_unavailable"), ("source", "alertmanager")))] == 2
+
+
+# --- the automations prefect.yaml declares are named after the alert they handle ----------------------------
+
+def test_every_trigger_is_named_and_described_after_the_alert_or_watcher_events_it_handles():
+    from deployments.alerts import ROUTED_ALERTS
+    from deployments.serve import deployment_triggers, read_deployment_specs
+
+    routed: set[str] = set()
+    for spec in read_deployment_specs():
+        for trigger, raw in zip(deployment_triggers(spec["name"], spec.get("triggers")), spec.get("triggers") or [],
+                                strict=True):
+            assert trigger.name.endswith(f"-> {spec['name']}"), trigger.name  # what it starts
+            assert "__automation_" not in trigger.name and len(trigger.description) > 40
+            resource = raw["match"]["prefect.resource.id"]
+            if resource.startswith("ferrumdeck.alert.") and not resource.endswith("*"):
+                alertname = resource.removeprefix("ferrumdeck.alert.")
+                assert trigger.name.startswith(f"{alertname} firing"), trigger.name
+                assert alertname in trigger.description
+                routed.add(alertname)
+            else:
+                assert trigger.name.startswith(("watcher:", "any other FerrumDeck alert")), trigger.name
+    assert routed == ROUTED_ALERTS
