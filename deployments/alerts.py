@@ -17,6 +17,7 @@ same notification (group changes, retries) inside the window, yet an alert that 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 import time
@@ -26,7 +27,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 EVENT_FIRING = "ferrumdeck.alert.firing"
 EVENT_RESOLVED = "ferrumdeck.alert.resolved"
@@ -46,6 +47,49 @@ _MAX_RESOURCE_LABELS = 64
 _MAX_RESOURCE_LABEL_VALUE = 256
 
 Source = Literal["alertmanager", "grafana"]
+
+#: Text the bridge cannot forward: a lone UTF-16 surrogate (JSON allows the escape ``"\ud800"``, but it is not
+#: Unicode: encoding the event to UTF-8 fails) and NUL (PostgreSQL, where Prefect stores events, refuses it).
+_UNSENDABLE = re.compile("[\x00\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _where(link: tuple | None) -> str:
+    """A JSON location as ``alerts.0.labels.pod``, ASCII-escaped (it may hold the very text being refused)."""
+    steps: list[str] = []
+    while link is not None:
+        link, step = link
+        steps.append(ascii(str(step))[1:-1])
+    return ".".join(reversed(steps)) or "(body)"
+
+
+def unsendable_text(data: Any) -> str | None:
+    """Where a parsed JSON document holds text that cannot be forwarded (lone surrogate or NUL), else None.
+
+    Every key and string anywhere in the document is checked: first all at once (serialized, at C speed), and
+    only when that finds something, node by node to say where — iteratively, each node once (the path is a
+    linked list, spelled out only when found): nesting depth costs neither stack nor time.
+    """
+    try:
+        text = json.dumps(data, ensure_ascii=False)  # lone surrogates stay as they are; NUL becomes \u0000
+    except (TypeError, ValueError, RecursionError):
+        text = None
+    if text is not None and "\\u0000" not in text and not _SURROGATE.search(text):
+        return None
+    stack: list[tuple[tuple | None, Any]] = [(None, data)]
+    while stack:
+        link, node = stack.pop()
+        if isinstance(node, str):
+            if _UNSENDABLE.search(node):
+                return _where(link)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(key, str) and _UNSENDABLE.search(key):
+                    return _where((link, key))
+                stack.append(((link, key), value))
+        elif isinstance(node, list):
+            stack.extend(((link, i), value) for i, value in enumerate(node))
+    return None
 
 
 class WebhookAlert(BaseModel):
@@ -106,6 +150,18 @@ class _WebhookGroup(BaseModel):
     commonAnnotations: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     externalURL: StrictStr = ""
     truncatedAlerts: StrictInt = Field(0, ge=0, description="Alerts Alertmanager left out (max_alerts).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _forwardable_text(cls, data: Any) -> Any:
+        """Refuse (4xx, nothing emitted) a body holding text no event can carry, instead of failing on delivery."""
+        where = unsendable_text(data)
+        if where is not None:
+            raise ValueError(
+                f"text at {where} holds a lone UTF-16 surrogate (\\ud800-\\udfff) or a NUL character: "
+                "not valid Unicode text, so it cannot be forwarded"
+            )
+        return data
 
 
 class AlertmanagerWebhook(_WebhookGroup):
