@@ -7,7 +7,7 @@ DEMO_ARGS ?=
 SHELL  := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install services lint test demo bench clean
+.PHONY: install services chromium lint test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,10 +20,16 @@ install: $(VENV)/.installed
 services:
 	bash deployments/ensure-services.sh
 
+# the browser test drives Debian's chromium through playwright (never `playwright install`: no downloads)
+chromium:
+	@command -v chromium >/dev/null || { echo "installing chromium"; S=""; [ "$$(id -u)" -eq 0 ] || S=sudo; \
+	  $$S apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq \
+	  --no-install-recommends chromium >/dev/null; }
+
 lint: install
 	$(VENV)/bin/ruff check flows tasks deployments sandbox bench tests
 
-test: install services lint
+test: install services chromium lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from flows._ui import LoggedResult, describe_parameters, keep_typed_name
 from tasks import kube
 from tasks.kube_diagnosis import (
     Classification,
@@ -25,7 +26,7 @@ from tasks.kube_diagnosis import (
     pod_rows,
     relevant_log_lines,
 )
-from tasks.outcome import RecoveryResult, Table
+from tasks.outcome import Table
 from tasks.report import conclude, recording
 from tasks.settings import get_settings
 
@@ -37,7 +38,7 @@ def _run_name() -> str:
     return f"diagnose {', '.join(pods)}" if pods else "diagnose all workers"
 
 
-class WorkerDiagnosis(RecoveryResult):
+class WorkerDiagnosis(LoggedResult):
     """What a read-only diagnosis saw: every worker pod, classified, with the evidence of the unhealthy ones."""
 
     pods: list[PodInfo] = Field(default_factory=list)
@@ -68,27 +69,24 @@ def evidence(d: PodInfo) -> list[Table | str]:
 
 @flow(
     name=FLOW_NAME,
-    flow_run_name=_run_name,
+    flow_run_name=keep_typed_name(_run_name),
     description="Runbook 'Check worker status / crash loops / logs' (read-only): status, readiness, restarts, "
     "last termination, CPU, events and previous logs of every worker pod, classified (crash-looping, "
     "OOM-killed, hung suspect, ...) with the next step for each. Changes nothing.",
 )
+@describe_parameters
 def diagnose_workers(
     pods: Annotated[
         list[str] | None,
-        Field(description="Worker pods to diagnose; empty: every pod matching FD_WORKER_SELECTOR."),
+        Field(title="Pods", description="Worker pods to diagnose; empty: every pod matching FD_WORKER_SELECTOR."),
     ] = None,
     log_lines: Annotated[
         int,
-        Field(ge=0, le=1000, description="Log lines to read per unhealthy pod (previous container after a crash)."),
+        Field(ge=0, le=1000, title="Log lines (lines)",
+              description="Log lines to read per unhealthy pod (the previous container's after a crash)."),
     ] = 50,
 ) -> WorkerDiagnosis:
-    """Diagnose the worker pods and publish a report; returns one diagnosis per pod. Read-only.
-
-    Args:
-        pods: Names of worker pods to look at; empty means all worker pods.
-        log_lines: How many log lines to read for each pod that is not healthy.
-    """
+    """Diagnose the worker pods and publish a report; returns one diagnosis per pod. Read-only."""
     settings = get_settings()
     logger = get_run_logger()
     with recording(WorkerDiagnosis(flow=FLOW_NAME, title="Worker diagnosis")) as result:

@@ -14,9 +14,11 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field, ValidationError
 
-from flows._ui import describe_parameters
+from flows._ui import LoggedResult, describe_parameters, keep_typed_name
+from tasks import approval
+from tasks.approval import ApprovalRecord
 from tasks.events import emit_recovery_event
-from tasks.outcome import RecoveryResult, Table
+from tasks.outcome import Table
 from tasks.queue import (
     QueueError,
     QueueSnapshot,
@@ -29,17 +31,45 @@ from tasks.queue import (
     verify_moves_task,
 )
 from tasks.report import conclude, recording
-from tasks.settings import get_settings
+from tasks.settings import Settings, get_settings
 
 FLOW_NAME = "dlq-replay"
 
 
-class DlqReplay(RecoveryResult):
+class DlqReplay(LoggedResult):
     """What one `dlq-replay` run saw, replayed and verified."""
 
     before: QueueSnapshot | None = None
     after: QueueSnapshot | None = None
     replay: ReplayResult | None = None
+    approval: ApprovalRecord | None = None
+
+
+def replay_target(settings: Settings) -> str:
+    return f"{settings.dlq_stream} -> {settings.stream}"
+
+
+def replay_bound(flt: ReplayFilter, *, max_entries: int, dlq_length: int) -> int:
+    """Pure: the most entries a replay can move (the cap, the DLQ's length, the ids named: every filter must
+    match); at or under the approval threshold there is nothing to ask, so nothing to count first."""
+    return min(max_entries, dlq_length, len(flt.ids) if flt.ids else max_entries)
+
+
+def _approved_cap(result: DlqReplay, flt: ReplayFilter, *, settings: Settings, max_entries: int,
+                  batch_size: int, dry_run: bool) -> int | None:
+    """The approval gate: the replay's cap (at most what a person approved), or None when it was refused.
+    Over the threshold, a dry-run pass counts the entries that match first (the plan a person approves)."""
+    bound = replay_bound(flt, max_entries=max_entries, dlq_length=result.before.dlq_length if result.before else 0)
+    source = replay_target(settings)
+    if dry_run or not approval.over(bound, settings.approval_dlq_replays):
+        return max_entries
+    preview = replay_dlq_task(settings=settings, flt=flt, max_entries=max_entries, batch_size=batch_size,
+                              dry_run=True)
+    samples = [str(s.get("job_id") or s.get("dlq_id") or "") for s in pick_samples(preview.samples, limit=10)]
+    ask = approval.dlq_replays(settings, preview.matched, source=source, sample=[s for s in samples if s])
+    if not approval.approve(result, ask, settings=settings, dry_run=dry_run):
+        return None
+    return max(1, min(max_entries, preview.matched))
 
 
 def build_filter(
@@ -67,17 +97,29 @@ def filter_rows(flt: ReplayFilter, max_entries: int) -> list[dict[str, object]]:
     return [{"filter": k, "value": v} for k, v in chosen.items()]
 
 
-@flow(name=FLOW_NAME, flow_run_name="dlq-replay max={max_entries} dry_run={dry_run}", description=__doc__)
+@flow(name=FLOW_NAME, flow_run_name=keep_typed_name("dlq-replay max={max_entries} dry_run={dry_run}"),
+      description=__doc__)
 @describe_parameters
 def dlq_replay(
-    ids: Annotated[list[str] | None, Field(max_length=100_000, description="DLQ entry ids to replay.")] = None,
-    job_ids: Annotated[list[str] | None, Field(max_length=100_000, description="Replay DLQ entries of these job (step) ids.")] = None,
-    reason_contains: Annotated[str | None, Field(max_length=200, description="Replay entries whose reason/error contains this text.")] = None,
-    min_age_ms: Annotated[int, Field(ge=0, le=365 * 24 * 3_600_000, description="Replay only entries dead-lettered at least this long ago (ms).")] = 0,
-    replay_all: Annotated[bool, Field(description="Replay every DLQ entry (required when no other filter is given).")] = False,
-    max_entries: Annotated[int, Field(ge=1, le=1_000_000, description="At most this many entries per run.")] = 1000,
-    batch_size: Annotated[int, Field(ge=10, le=10_000, description="Entries per atomic step.")] = 1000,
-    dry_run: Annotated[bool, Field(description="Only report what would be replayed; change nothing.")] = True,
+    ids: Annotated[list[str] | None, Field(max_length=100_000, title="DLQ entry ids",
+                                           description="Replay these DLQ entries (their stream ids).")] = None,
+    job_ids: Annotated[list[str] | None, Field(max_length=100_000, title="Job ids",
+                                               description="Replay the DLQ entries of these jobs (step ids).")] = None,
+    reason_contains: Annotated[str | None, Field(max_length=200, title="Reason contains",
+                                                 description="Replay entries whose reason or error contains this "
+                                                 "text; empty: any reason.")] = None,
+    min_age_ms: Annotated[int, Field(ge=0, le=365 * 24 * 3_600_000, title="Minimum age (ms)",
+                                     description="Replay only entries dead-lettered at least this long ago.")] = 0,
+    replay_all: Annotated[bool, Field(title="Replay all",
+                                      description="Replay every DLQ entry (required when no other filter is "
+                                      "given).")] = False,
+    max_entries: Annotated[int, Field(ge=1, le=1_000_000, title="Max entries (entries)",
+                                      description="At most this many entries per run (the next run continues). "
+                                      "More than FD_APPROVAL_DLQ_REPLAYS waits for a person's approval.")] = 1000,
+    batch_size: Annotated[int, Field(ge=10, le=10_000, title="Batch size (entries)",
+                                     description="Entries moved per atomic step.")] = 1000,
+    dry_run: Annotated[bool, Field(title="Dry run",
+                                   description="Only report what would be replayed; change nothing.")] = True,
 ) -> DlqReplay:
     """Replay chosen dead-lettered steps onto the step stream (attempts reset), removing them from the DLQ."""
     settings = get_settings()
@@ -94,10 +136,15 @@ def dlq_replay(
         if not before.dlq_length:
             result.note("decided", "The DLQ is empty: nothing to replay.")
             return conclude(result)
+        # decide: more than FD_APPROVAL_DLQ_REPLAYS entries waits for a person (rejected: nothing moves)
+        cap = _approved_cap(result, flt, settings=settings, max_entries=max_entries, batch_size=batch_size,
+                            dry_run=dry_run)
+        if cap is None:
+            return conclude(result)
         # act
         result.replay = replay = result.perform(
-            "replay", f"{settings.dlq_stream} -> {settings.stream}", dry_run=dry_run,
-            call=lambda: replay_dlq_task(settings=settings, flt=flt, max_entries=max_entries,
+            "replay", replay_target(settings), dry_run=dry_run,
+            call=lambda: replay_dlq_task(settings=settings, flt=flt, max_entries=cap,
                                          batch_size=batch_size, dry_run=dry_run),
             count=lambda r: r.matched if dry_run else r.replayed,
             detail=lambda r: ", ".join(f"{k}: {n}" for k, n in sorted(r.done.items())))
@@ -106,6 +153,9 @@ def dlq_replay(
         result.note("decided", f"{replay.matched} of {replay.scanned} DLQ entries examined match"
                     + (f" (cap of {max_entries} reached; the next run continues)." if replay.cap_reached else "."))
         result.note("decided", Table(caption="Sample of entries", rows=pick_samples(replay.samples, limit=10)))
+        if dry_run:  # says so when a real run would first wait for a person's approval
+            approval.approve(result, approval.dlq_replays(settings, replay.matched, source=replay_target(settings)),
+                             settings=settings, dry_run=True)
         if dry_run or not replay.matched:
             return conclude(result)
         if replay.replayed:

@@ -27,8 +27,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.variables import Variable
 from pydantic import Field
 
-from flows._ui import describe_parameters
-from tasks import kube
+from flows._ui import LoggedResult, Setting, describe_parameters, keep_typed_name, setting
+from tasks import approval, kube
+from tasks.approval import ApprovalRecord
 from tasks.errors import RETRY
 from tasks.events import emit_recovery_event
 from tasks.llm_policy import (
@@ -43,7 +44,7 @@ from tasks.llm_policy import (
     provider_of,
     validate_chain,
 )
-from tasks.outcome import RecoveryResult, Table
+from tasks.outcome import Table
 from tasks.probes import provider_statuses
 from tasks.report import conclude, recording
 from tasks.runs import llm_failures_by_model
@@ -57,21 +58,29 @@ Decision = Literal["stay", "failover", "no-fallback", "on-primary", "primary-unh
                    "failback"]
 
 # parameters both flows take (one description each, shown in the Prefect UI form)
-Window = Annotated[int | None, Field(ge=1, le=1440, description="Judge models on LLM steps of the last N "
-                                     "minutes (default FD_LLM_FAILURE_WINDOW_MINUTES).")]
-MinSamples = Annotated[int | None, Field(ge=1, le=1_000_000, description="Fewest LLM steps of a model in the "
-                                         "window before its error rate counts (default FD_LLM_FAILOVER_MIN_SAMPLES).")]
-ErrorRate = Annotated[float | None, Field(gt=0, le=1, description="Error rate (failed/total) at or above which a "
-                                          "model is down (default FD_LLM_FAILOVER_ERROR_RATE).")]
-RolloutTimeout = Annotated[float | None, Field(gt=0, le=3600, description="How long to wait for the workers' "
-                                               "rollout (default FD_ROLLOUT_TIMEOUT_S).")]
-VerifySteps = Annotated[int, Field(ge=1, le=10_000, description="After a switch, this many LLM steps of the new "
-                                   "model must start and fail below the failover error rate to verify it.")]
-VerifyWithin = Annotated[float, Field(gt=0, le=3600, description="Wait at most this many seconds for those "
-                                      "steps; fewer arrive (no traffic) and the run ends not_verified.")]
+Window = Annotated[int | None, Field(ge=1, le=1440, title="Judging window (min)",
+                                     description="Judge models on the LLM steps of the last N minutes."),
+                   Setting("llm_failure_window_minutes")]
+MinSamples = Annotated[int | None, Field(ge=1, le=1_000_000, title="Minimum samples (steps)",
+                                         description="Fewest LLM steps of a model in the window before its error "
+                                         "rate counts."), Setting("llm_failover_min_samples")]
+ErrorRate = Annotated[float | None, Field(gt=0, le=1, title="Down at error rate (0-1)",
+                                          description="Error rate (failed/total, 0-1) at or above which a model is "
+                                          "down."), Setting("llm_failover_error_rate")]
+RolloutTimeout = Annotated[float | None, Field(gt=0, le=3600, title="Rollout timeout (s)",
+                                               description="How long to wait for the workers' rollout."),
+                           Setting("rollout_timeout_s")]
+VerifySteps = Annotated[int, Field(ge=1, le=10_000, title="Verify with (steps)",
+                                   description="After a switch, this many LLM steps of the new model must start and "
+                                   "fail below the failover error rate to verify it.")]
+VerifyWithin = Annotated[float, Field(gt=0, le=3600, title="Verify within (s)",
+                                      description="Wait at most this long for those steps; fewer arrive (no "
+                                      "traffic) and the run ends not_verified.")]
+DryRun = Annotated[bool, Field(title="Dry run", description="Only observe, decide and report what would change; "
+                               "change nothing anywhere.")]
 
 
-class ModelSwitch(RecoveryResult):
+class ModelSwitch(LoggedResult):
     """What a failover/failback run saw, decided, did and verified."""
 
     decision: Decision | None = None
@@ -83,6 +92,7 @@ class ModelSwitch(RecoveryResult):
     model_after: str | None = None
     steps_after: FailureStats | None = None
     healthy_since: datetime | None = None
+    approval: ApprovalRecord | None = None
 
 
 @task(name="count-llm-failures", **RETRY)
@@ -135,9 +145,9 @@ def read_healthy_since(*, settings: Settings) -> datetime | None:
 
 def _thresholds(settings: Settings, min_samples: int | None, error_rate: float | None,
                 evidence: str | None) -> Thresholds:
-    return Thresholds(min_samples=min_samples or settings.llm_failover_min_samples,
-                      max_error_rate=error_rate or settings.llm_failover_error_rate,
-                      evidence=evidence or settings.llm_failover_evidence)
+    return Thresholds(min_samples=setting(min_samples, settings, "llm_failover_min_samples"),
+                      max_error_rate=setting(error_rate, settings, "llm_failover_error_rate"),
+                      evidence=setting(evidence, settings, "llm_failover_evidence"))
 
 
 def workers_model(settings: Settings) -> str | None:
@@ -171,6 +181,9 @@ def switch_model(result: ModelSwitch, *, settings: Settings, target: str, dry_ru
     """Act and verify one switch (shared by failover and failback): guarded set env, record, event; then the
     rollout, the Deployment's env and the new model's own steps. True when the env was set (not refused)."""
     deployment, name = settings.worker_deployment, settings.llm_model_env
+    ask = approval.llm_switch(settings, deployment=deployment, current=result.current, target=target)
+    if not approval.approve(result, ask, settings=settings, dry_run=dry_run):
+        return False
     switched_at = datetime.now(UTC)
     env = result.perform("set-deployment-env", f"deployment/{deployment}", dry_run=dry_run,
                          call=lambda: kube.set_deployment_env(settings=settings, deployment=deployment,
@@ -201,19 +214,18 @@ def switch_model(result: ModelSwitch, *, settings: Settings, target: str, dry_ru
     return True
 
 
-@flow(name=FAILOVER, flow_run_name="llm-failover dry_run={dry_run}",
+@flow(name=FAILOVER, flow_run_name=keep_typed_name("llm-failover dry_run={dry_run}"),
       description="Runbook 'LLM Provider Outage': switch LITELLM_MODEL on the workers to the first healthy "
       "fallback when the current model is down (step failures and/or status pages), and verify its steps work.")
 @describe_parameters
 def llm_provider_failover(
-    dry_run: Annotated[bool, Field(description="Only observe, decide and report what would change; change "
-                                   "nothing anywhere.")] = True,
+    dry_run: DryRun = True,
     window_minutes: Window = None,
     min_samples: MinSamples = None,
     error_rate: ErrorRate = None,
-    evidence: Annotated[EvidenceParam | None, Field(description="What proves the current model down: `any` "
-                        "(failures or status page), `both`, `failures` or `status` (default "
-                        "FD_LLM_FAILOVER_EVIDENCE).")] = None,
+    evidence: Annotated[EvidenceParam | None, Field(title="Evidence", description="What proves the current model "
+                        "down: `any` (failures or status page), `both`, `failures` or `status`."),
+                        Setting("llm_failover_evidence")] = None,
     rollout_timeout_s: RolloutTimeout = None,
     verify_steps: VerifySteps = 5,
     verify_within_s: VerifyWithin = 300.0,
@@ -224,7 +236,7 @@ def llm_provider_failover(
     with recording(ModelSwitch(flow=FAILOVER, title=title, dry_run=dry_run)) as result:
         chain = validate_chain(list(settings.llm_fallback_models))
         thresholds = _thresholds(settings, min_samples, error_rate, evidence)
-        window = timedelta(minutes=window_minutes or settings.llm_failure_window_minutes)
+        window = timedelta(minutes=setting(window_minutes, settings, "llm_failure_window_minutes"))
         # observe
         result.current = current = workers_model(settings)
         models = chain + ([current] if current and current not in chain else [])
@@ -245,20 +257,21 @@ def llm_provider_failover(
         elif decision.action == "failover" and decision.target:
             # act, verify
             switch_model(result, settings=settings, target=decision.target, dry_run=dry_run,
-                         rollout_timeout_s=rollout_timeout_s or settings.rollout_timeout_s,
+                         rollout_timeout_s=setting(rollout_timeout_s, settings, "rollout_timeout_s"),
                          verify_steps=verify_steps, verify_within_s=verify_within_s,
                          max_error_rate=thresholds.max_error_rate, event="llm-failover")
     return conclude(result)
 
 
-@flow(name=FAILBACK, flow_run_name="llm-failback dry_run={dry_run}",
+@flow(name=FAILBACK, flow_run_name=keep_typed_name("llm-failback dry_run={dry_run}"),
       description="Scheduled: return the workers to the primary LLM model once it has been healthy long enough.")
 @describe_parameters
 def llm_provider_failback(
-    dry_run: Annotated[bool, Field(description="Only observe, decide and report; change nothing anywhere (not "
-                                   "even the \"healthy since\" memory).")] = True,
-    healthy_for_minutes: Annotated[int | None, Field(ge=0, le=1440, description="The primary must look healthy "
-                                   "this long first (default FD_LLM_HEALTHY_FOR_MINUTES).")] = None,
+    dry_run: Annotated[bool, Field(title="Dry run", description="Only observe, decide and report; change nothing "
+                                   "anywhere (not even the \"healthy since\" memory).")] = True,
+    healthy_for_minutes: Annotated[int | None, Field(ge=0, le=1440, title="Healthy for (min)",
+                                                     description="The primary must look healthy this long first."),
+                                   Setting("llm_healthy_for_minutes")] = None,
     window_minutes: Window = None,
     min_samples: MinSamples = None,
     error_rate: ErrorRate = None,
@@ -272,9 +285,8 @@ def llm_provider_failback(
     with recording(ModelSwitch(flow=FAILBACK, title=title, dry_run=dry_run)) as result:
         primary = validate_chain(list(settings.llm_fallback_models))[0]
         thresholds = _thresholds(settings, min_samples, error_rate, None)
-        window = timedelta(minutes=window_minutes or settings.llm_failure_window_minutes)
-        healthy_for = timedelta(minutes=settings.llm_healthy_for_minutes if healthy_for_minutes is None
-                                else healthy_for_minutes)
+        window = timedelta(minutes=setting(window_minutes, settings, "llm_failure_window_minutes"))
+        healthy_for = timedelta(minutes=setting(healthy_for_minutes, settings, "llm_healthy_for_minutes"))
         # observe
         result.current = current = workers_model(settings)
         since = read_healthy_since(settings=settings)
@@ -295,7 +307,7 @@ def llm_provider_failback(
             # act, verify
             result.target = primary
             if switch_model(result, settings=settings, target=primary, dry_run=dry_run,
-                            rollout_timeout_s=rollout_timeout_s or settings.rollout_timeout_s,
+                            rollout_timeout_s=setting(rollout_timeout_s, settings, "rollout_timeout_s"),
                             verify_steps=verify_steps, verify_within_s=verify_within_s,
                             max_error_rate=thresholds.max_error_rate, event="llm-failback"):
                 remember_healthy_since(settings=settings, since=None)

@@ -14,9 +14,10 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field
 
+from flows._ui import LoggedResult, Setting, describe_parameters, keep_typed_name, setting
 from tasks import kube
 from tasks.events import emit_recovery_event
-from tasks.outcome import RecoveryResult, Table
+from tasks.outcome import Table
 from tasks.probes import HealthReport, check_mcp_health, wait_mcp_healthy
 from tasks.report import conclude, recording
 from tasks.settings import get_settings
@@ -24,7 +25,7 @@ from tasks.settings import get_settings
 FLOW_NAME = "mcp-server-recovery"
 
 
-class McpRecovery(RecoveryResult):
+class McpRecovery(LoggedResult):
     """What an MCP recovery run saw, did and verified."""
 
     healthy_before: bool | None = None
@@ -46,33 +47,35 @@ def check_rows(report: HealthReport) -> list[dict[str, object]]:
 
 @flow(
     name=FLOW_NAME,
-    flow_run_name="mcp-recovery dry_run={dry_run}",
+    flow_run_name=keep_typed_name("mcp-recovery dry_run={dry_run}"),
     description="Runbook 'MCP Server Unavailable': health-check the MCP server several times; if unhealthy, "
     "rollout-restart Deployment mcp-server and re-check until healthy or a deadline; no-op when healthy.",
 )
+@describe_parameters
 def mcp_server_recovery(
-    dry_run: Annotated[bool, Field(description="Only show what would change.")] = True,
-    attempts: Annotated[int | None, Field(ge=1, le=20, description="Health checks.")] = None,
-    interval_s: Annotated[float | None, Field(ge=0, le=60, description="Seconds between checks.")] = None,
-    deadline_s: Annotated[float | None, Field(gt=0, le=3600, description="Re-check deadline.")] = None,
-    rollout_timeout_s: Annotated[float | None, Field(gt=0, le=3600, description="Rollout wait.")] = None,
+    dry_run: Annotated[bool, Field(title="Dry run",
+                                   description="Only check and report what would be done; restart nothing.")] = True,
+    attempts: Annotated[int | None, Field(ge=1, le=20, title="Health checks (checks)",
+                                          description="Health checks before deciding; healthy = a strict majority "
+                                          "answers 2xx."), Setting("mcp_check_attempts")] = None,
+    interval_s: Annotated[float | None, Field(ge=0, le=60, title="Check interval (s)",
+                                              description="Time between two health checks."),
+                          Setting("mcp_check_interval_s")] = None,
+    deadline_s: Annotated[float | None, Field(gt=0, le=3600, title="Re-check deadline (s)",
+                                              description="After the restart, re-check health for at most this long."),
+                          Setting("mcp_recovery_deadline_s")] = None,
+    rollout_timeout_s: Annotated[float | None, Field(gt=0, le=3600, title="Rollout timeout (s)",
+                                                     description="How long to wait for the restart's rollout."),
+                                 Setting("rollout_timeout_s")] = None,
 ) -> McpRecovery:
-    """Check the MCP server's health; if unhealthy, restart its Deployment and re-check until it answers.
-
-    Args:
-        dry_run: Only check and report what would be done; restart nothing.
-        attempts: Health checks before deciding (default FD_MCP_CHECK_ATTEMPTS); healthy = a strict majority ok.
-        interval_s: Seconds between health checks (default FD_MCP_CHECK_INTERVAL_S).
-        deadline_s: After the restart, re-check health for at most this long (default FD_MCP_RECOVERY_DEADLINE_S).
-        rollout_timeout_s: How long to wait for the restart's rollout (default FD_ROLLOUT_TIMEOUT_S).
-    """
+    """Check the MCP server's health; if unhealthy, restart its Deployment and re-check until it answers."""
     settings = get_settings()
-    interval = settings.mcp_check_interval_s if interval_s is None else interval_s
+    interval = setting(interval_s, settings, "mcp_check_interval_s")
     deployment = settings.mcp_deployment
     title = "MCP server recovery" + (" (dry run)" if dry_run else "")
     with recording(McpRecovery(flow=FLOW_NAME, title=title, dry_run=dry_run)) as result:
         # observe
-        before = check_mcp_health(settings=settings, attempts=attempts or settings.mcp_check_attempts,
+        before = check_mcp_health(settings=settings, attempts=setting(attempts, settings, "mcp_check_attempts"),
                                   interval_s=interval)
         result.healthy_before = before.healthy
         result.note("observed", Table(caption=f"GET {settings.mcp_url}: {before.summary()}", rows=check_rows(before)))
@@ -93,10 +96,10 @@ def mcp_server_recovery(
                             payload={"checks_before": before.summary()})
         # verify
         rollout = kube.wait_for_rollout(settings=settings, deployment=deployment,
-                                        timeout_s=rollout_timeout_s or settings.rollout_timeout_s)
+                                        timeout_s=setting(rollout_timeout_s, settings, "rollout_timeout_s"))
         result.rollout_complete = bool(rollout.complete)
         result.check("rollout of the restart finished", rollout.complete, rollout.message)
-        after = wait_mcp_healthy(settings=settings, deadline_s=deadline_s or settings.mcp_recovery_deadline_s,
+        after = wait_mcp_healthy(settings=settings, deadline_s=setting(deadline_s, settings, "mcp_recovery_deadline_s"),
                                  interval_s=max(interval, 0.2))
         result.healthy_after = after.healthy
         last = after.last

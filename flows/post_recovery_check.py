@@ -19,11 +19,12 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from flows._ui import describe_parameters
+from flows._ui import LoggedResult, Setting, describe_parameters, keep_typed_name, setting
 from tasks import runs
 from tasks.alerting import AlertingError, AlertingStatus, check_alerting
+from tasks.approval import carry_on_after_timeout
 from tasks.correlate import ChecklistItem, no_stuck_runs, queue_depth_ok, workers_ready_and_consuming
-from tasks.outcome import RecoveryResult, Table
+from tasks.outcome import Table
 from tasks.recovery import observe_workers
 from tasks.report import conclude, recording
 from tasks.settings import Settings, get_settings
@@ -37,13 +38,15 @@ PREVENTION = "Preventive measures identified"
 class HumanChecklist(RunInput):
     """The two items only a person can tick (shown as a form in the Prefect UI)."""
 
-    root_cause_documented: bool = Field(False, description="The root cause is written down (incident doc/ticket).")
-    root_cause_link: str = Field("", max_length=500, description="Where (URL or ticket id).")
-    preventive_measures_identified: bool = Field(False, description="Follow-ups to prevent a repeat are filed.")
-    notes: str = Field("", max_length=2000, description="Anything the next on-call should know.")
+    root_cause_documented: bool = Field(False, title="Root cause documented",
+                                        description="The root cause is written down (incident doc/ticket).")
+    root_cause_link: str = Field("", max_length=500, title="Where", description="URL or ticket id of the write-up.")
+    preventive_measures_identified: bool = Field(False, title="Preventive measures identified",
+                                                 description="Follow-ups to prevent a repeat are filed.")
+    notes: str = Field("", max_length=2000, title="Notes", description="Anything the next on-call should know.")
 
 
-class PostRecoveryCheck(RecoveryResult):
+class PostRecoveryCheck(LoggedResult):
     """The runbook's six checklist items, in its order: ticked (True), failed (False) or open for a person
     (None). The checkable ones that hold or fail are also its ``checks``."""
 
@@ -88,38 +91,53 @@ def alerting_item(*, settings: Settings, mode: str | None) -> ChecklistItem:
 
 def ask_operator(*, timeout_s: int) -> HumanChecklist | None:
     """Pause the run for the checklist form in the Prefect UI; None when nobody answered in time."""
+    from prefect.exceptions import FlowPauseTimeout
+
     try:
         return pause_flow_run(wait_for_input=HumanChecklist, timeout=timeout_s, poll_interval=1)
-    except Exception as e:  # noqa: BLE001 - a timed-out or failed pause leaves the items open
+    except FlowPauseTimeout:  # the run carries on to report the items open (not "paused and never resumed")
+        get_run_logger().warning("no answer to the checklist form within %s s: the human items stay open", timeout_s)
+        carry_on_after_timeout()
+        return None
+    except Exception as e:  # noqa: BLE001 - a failed pause leaves the items open
         get_run_logger().warning("no answer to the checklist form: %s", type(e).__name__)
         return None
 
 
-@flow(name=FLOW_NAME, flow_run_name="post-recovery check")
+@flow(name=FLOW_NAME, flow_run_name=keep_typed_name("post-recovery check"))
 @describe_parameters
 def post_recovery_check(
     interactive: Annotated[
-        bool, Field(description="Ask the two human items (root cause, prevention) through a form in the UI.")
+        bool, Field(title="Ask a person", description="Ask the two human items (root cause, prevention) through a "
+                    "form in the UI.")
     ] = False,
-    human_timeout_s: Annotated[int, Field(ge=10, le=86_400, description="How long to wait for the form.")] = 3600,
+    human_timeout_s: Annotated[int, Field(ge=10, le=86_400, title="Form timeout (s)",
+                                          description="How long to wait for the form.")] = 3600,
     max_queue_depth: Annotated[
-        int | None, Field(ge=0, description="Lag at or below which the queue is back to normal (default setting).")
+        int | None, Field(ge=0, title="Normal queue lag (entries)",
+                          description="Lag at or below which the queue is back to normal."),
+        Setting("post_check_max_queue_depth"),
     ] = None,
     stuck_older_than_minutes: Annotated[
-        int, Field(ge=1, le=10_080, description="A run `running` for longer than this counts as stuck.")
+        int, Field(ge=1, le=10_080, title="Stuck after (min)",
+                   description="A run `running` for longer than this counts as stuck.")
     ] = 30,
     consumer_idle_ms: Annotated[
-        int | None, Field(ge=0, description="A worker whose consumer read within this (ms) is consuming (default setting).")
+        int | None, Field(ge=0, title="Consuming within (ms)",
+                          description="A worker whose consumer read within this long is consuming."),
+        Setting("post_check_consumer_idle_ms"),
     ] = None,
     alerting: Annotated[
         Literal["bridge", "alertmanager", "none"] | None,
-        Field(description="How to confirm alerting works (default FD_ALERTING_CHECK)."),
+        Field(title="Alerting check", description="How to confirm alerting works: the bridge's heartbeat, "
+              "Alertmanager's API, or not at all."),
+        Setting("alerting_check"),
     ] = None,
 ) -> PostRecoveryCheck:
     """Tick the runbook's post-recovery checklist from live evidence (read-only); ask a person for the rest."""
     settings = get_settings()
-    depth = settings.post_check_max_queue_depth if max_queue_depth is None else max_queue_depth
-    idle = settings.post_check_consumer_idle_ms if consumer_idle_ms is None else consumer_idle_ms
+    depth = setting(max_queue_depth, settings, "post_check_max_queue_depth")
+    idle = setting(consumer_idle_ms, settings, "post_check_consumer_idle_ms")
     with recording(PostRecoveryCheck(flow=FLOW_NAME, title="Post-recovery check")) as result:
         # observe
         view = observe_workers(settings=settings)

@@ -19,10 +19,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from flows._ui import describe_parameters
+from flows._ui import LoggedResult, Setting, describe_parameters, keep_typed_name, setting
 from tasks import kube
 from tasks.events import emit_recovery_event
-from tasks.outcome import ActionStatus, RecoveryResult, Table
+from tasks.outcome import ActionStatus, Table
 from tasks.queue import inspect_queue_task
 from tasks.report import artifact_key, conclude, recording
 from tasks.scale_policy import DrainSample, backlog, drain_progress, plan_scale, sample_rows
@@ -31,7 +31,7 @@ from tasks.settings import Settings, get_settings
 FLOW_NAME = "scale-workers"
 
 
-class ScaleWorkers(RecoveryResult):
+class ScaleWorkers(LoggedResult):
     """What a scale-workers run saw, did and verified."""
 
     previous: int | None = None
@@ -65,33 +65,34 @@ def _run_name() -> str:
 
 @flow(
     name=FLOW_NAME,
-    flow_run_name=_run_name,
+    flow_run_name=keep_typed_name(_run_name),
     description="Runbook 'Worker Scaling for Recovery': scale Deployment worker (capped at FD_MAX_REPLICAS), "
     "watch the queue drain with a progress artifact, optionally scale back once drained.",
 )
 @describe_parameters
 def scale_workers(
-    replicas: Annotated[int | None, Field(ge=0, le=1000, description="Worker replicas wanted (default "
-                        "FD_SCALE_UP_REPLICAS, the runbook's 10); capped at FD_MAX_REPLICAS, refused below "
-                        "FD_MIN_HEALTHY_WORKERS.")] = None,
-    drain_target: Annotated[int, Field(ge=0, le=100_000_000, description="The queue counts as drained when "
-                            "lag + pending is at or under this.")] = 100,
-    timeout_s: Annotated[float, Field(ge=0, le=86_400, description="Stop watching the drain after this many "
-                         "seconds (not drained by then: the run ends not_verified).")] = 900.0,
-    sample_interval_s: Annotated[float, Field(ge=0.05, le=300, description="Seconds between queue samples "
-                                 "(each updates the progress artifact).")] = 5.0,
-    scale_back: Annotated[bool, Field(description="Once drained, scale back to the replica count found at "
-                          "the start.")] = False,
-    dry_run: Annotated[bool, Field(description="Only observe and report what would change; change nothing "
-                       "anywhere.")] = True,
-    rollout_timeout_s: Annotated[float | None, Field(gt=0, le=3600, description="How long to wait for the "
-                                 "scaled Deployment to be ready (default FD_ROLLOUT_TIMEOUT_S).")] = None,
+    replicas: Annotated[int | None, Field(ge=0, le=1000, title="Replicas (pods)", description="Worker replicas "
+                        "wanted (the runbook's 10); capped at FD_MAX_REPLICAS, refused below "
+                        "FD_MIN_HEALTHY_WORKERS."), Setting("scale_up_replicas")] = None,
+    drain_target: Annotated[int, Field(ge=0, le=100_000_000, title="Drained at (entries)", description="The queue "
+                            "counts as drained when lag + pending is at or under this.")] = 100,
+    timeout_s: Annotated[float, Field(ge=0, le=86_400, title="Drain timeout (s)", description="Stop watching the "
+                         "drain after this long (not drained by then: the run ends not_verified).")] = 900.0,
+    sample_interval_s: Annotated[float, Field(ge=0.05, le=300, title="Sample interval (s)", description="Time "
+                                 "between queue samples (each updates the progress artifact).")] = 5.0,
+    scale_back: Annotated[bool, Field(title="Scale back when drained", description="Once drained, scale back to "
+                          "the replica count found at the start.")] = False,
+    dry_run: Annotated[bool, Field(title="Dry run", description="Only observe and report what would change; "
+                       "change nothing anywhere.")] = True,
+    rollout_timeout_s: Annotated[float | None, Field(gt=0, le=3600, title="Rollout timeout (s)", description="How "
+                                 "long to wait for the scaled Deployment to be ready."),
+                                 Setting("rollout_timeout_s")] = None,
 ) -> ScaleWorkers:
     """Scale the workers to `replicas` (capped), verify the queue drains, optionally scale back afterwards."""
     settings = get_settings()
     deployment, target_name = settings.worker_deployment, f"deployment/{settings.worker_deployment}"
-    requested = settings.scale_up_replicas if replicas is None else replicas
-    rollout_timeout = rollout_timeout_s or settings.rollout_timeout_s
+    requested = setting(replicas, settings, "scale_up_replicas")
+    rollout_timeout = setting(rollout_timeout_s, settings, "rollout_timeout_s")
     title = f"Scale workers to {requested}" + (" (dry run)" if dry_run else "")
     with recording(ScaleWorkers(flow=FLOW_NAME, title=title, dry_run=dry_run, drain_target=drain_target,
                                 requested=requested)) as result:

@@ -22,7 +22,9 @@ from typing import Annotated, Literal, TypedDict
 from prefect import flow
 from pydantic import Field
 
-from tasks import gateway, queue, runs, stuck_policy
+from flows._ui import LoggedResult, describe_parameters, keep_typed_name
+from tasks import approval, gateway, queue, runs, stuck_policy
+from tasks.approval import ApprovalRecord
 from tasks.events import emit_recovery_event
 from tasks.gateway import RetryAnswer, RetryBatch, validate_id
 from tasks.outcome import ActionStatus, RecoveryResult, Table
@@ -43,7 +45,7 @@ class Policy(TypedDict):
     live_consumers: list[str] | None
 
 
-class StuckRunsSweep(RecoveryResult):
+class StuckRunsSweep(LoggedResult):
     """What one sweep found, decided, did and verified (ids of what it changed; counts of the rest)."""
 
     action: Literal["auto", "fail", "retry"]
@@ -58,18 +60,20 @@ class StuckRunsSweep(RecoveryResult):
     retry_outcomes: dict[str, RetryAnswer] = {}  # "run/step" -> the gateway's answer
     retry_errors: dict[str, str] = {}
     lost_retries: dict[str, int] = {}  # step -> lost retries counted so far (see the module docstring)
+    approval: ApprovalRecord | None = None
 
 
-class FailRun(RecoveryResult):
+class FailRun(LoggedResult):
     """One ``fail-run``: the run's status before and after, and whether this run changed it."""
 
     run_id: str
     status_before: str | None = None
     status_after: str | None = None
     changed: bool = False
+    approval: ApprovalRecord | None = None
 
 
-class RetryStep(RecoveryResult):
+class RetryStep(LoggedResult):
     """One ``retry-step``: where the step was and is, the gateway's answer, and whether it was re-enqueued."""
 
     run_id: str
@@ -97,50 +101,48 @@ def _n(items: Sequence[object] | int, what: str) -> str:
 
 @flow(
     name=SWEEP,
-    flow_run_name="stuck-runs-sweep {action} older-than-{older_than_minutes}m dry-run-{dry_run}",
+    flow_run_name=keep_typed_name("stuck-runs-sweep {action} older-than-{older_than_minutes}m dry-run-{dry_run}"),
     description=(
         "Runs stuck in `running` for over N minutes: for each, look where its step is in the queue and leave it "
         "(a live worker has it / the queue sweep will requeue it), retry it through the gateway, or fail the run "
         "with WORKER_TIMEOUT (action=fail: every stuck run, in one statement). Every UPDATE re-checks `running` "
         "and the cutoff, so a run that finishes meanwhile is never touched. Verifies by re-reading what it "
-        "touched. Dry run by default."
+        "touched. Failing more than FD_APPROVAL_FAILED_RUNS runs waits for a person's approval. Dry run by default."
     ),
 )
+@describe_parameters
 def stuck_runs_sweep(
     older_than_minutes: Annotated[
-        int, Field(ge=1, le=10080, description="A run is stuck when `running` for longer than this (minutes).")
+        int, Field(ge=1, le=10080, title="Stuck after (min)",
+                   description="A run is stuck when `running` for longer than this.")
     ] = 30,
     action: Annotated[
         Literal["auto", "fail", "retry"],
-        Field(description="auto: decide per run from the queue; fail: fail every stuck run; retry: never fail."),
+        Field(title="Action",
+              description="auto: decide per run from the queue; fail: fail every stuck run; retry: never fail."),
     ] = "auto",
     max_runs: Annotated[
-        int, Field(ge=1, le=10000, description="Blast radius: act on at most this many runs per sweep.")
+        int, Field(ge=1, le=10000, title="Max runs (runs)",
+                   description="Blast radius: act on at most this many runs per sweep (the oldest first).")
     ] = 100,
     max_step_retries: Annotated[
-        int, Field(ge=0, le=10, description="Retry a step through the gateway at most this many times, then fail.")
+        int, Field(ge=0, le=10, title="Max step retries (retries)",
+                   description="Retry a step through the gateway at most this many times, then fail its run.")
     ] = 3,
     min_idle_ms: Annotated[
         int,
-        Field(ge=0, le=86_400_000, description="A pending step's owner counts as alive while idle less than this."),
+        Field(ge=0, le=86_400_000, title="Owner alive while idle under (ms)",
+              description="A pending step's owner counts as alive while idle less than this (runbook: 5 minutes)."),
     ] = DEFAULT_MIN_IDLE_MS,
     live_consumers: Annotated[
         list[str] | None,
-        Field(description="Consumers known alive (worker pods); when given, only these count as live owners."),
+        Field(title="Live consumers",
+              description="Consumers known alive (worker pods); when given, only these count as live owners; "
+              "empty: judged from the queue."),
     ] = None,
-    dry_run: Annotated[bool, Field(description="Only report what would be done.")] = True,
+    dry_run: Annotated[bool, Field(title="Dry run", description="Only report what would be done.")] = True,
 ) -> StuckRunsSweep:
-    """Find stuck runs, decide per run from the queue, fail / retry within the guard, verify, report.
-
-    Args:
-        older_than_minutes: A run is stuck when `running` for longer than this (minutes).
-        action: auto: decide per run from the queue; fail: fail every stuck run; retry: never fail.
-        max_runs: Blast radius: act on at most this many runs per sweep (the oldest first).
-        max_step_retries: Retry a step through the gateway at most this many times, then fail its run.
-        min_idle_ms: A pending step's owner counts as alive while idle less than this (ms; runbook: 5 minutes).
-        live_consumers: Consumers known alive (worker pods); when given, only these count as live owners.
-        dry_run: Only report what would be done.
-    """
+    """Find stuck runs, decide per run from the queue, fail / retry within the guard, verify, report."""
     settings = get_settings()
     cutoff = datetime.now(UTC) - timedelta(minutes=older_than_minutes)
     title = f"stuck-runs-sweep ({action}, older than {older_than_minutes} min)" + (" (dry run)" if dry_run else "")
@@ -150,7 +152,7 @@ def stuck_runs_sweep(
         else:
             _sweep_by_policy(result, settings=settings, cutoff=cutoff, max_runs=max_runs, dry_run=dry_run,
                              policy=Policy(action=action, max_step_retries=max_step_retries,
-                                           min_idle_ms=min_idle_ms, live_consumers=live_consumers))
+                                           min_idle_ms=min_idle_ms, live_consumers=live_consumers or None))
     if result.failed or result.retried:  # also when verifying failed afterwards: these changes happened
         emit_recovery_event(action="stuck-runs-swept", resource_id="runs", payload={
             "failed": result.failed[:100], "retried": result.retried[:100], "found": result.found})
@@ -180,7 +182,10 @@ def _sweep_by_policy(
         more = f"; the first {SAMPLE} of {len(decisions)}" if len(decisions) > SAMPLE else ""
         result.note("decided", Table(caption=f"Per run (fail and retry first{more})",
                                      rows=stuck_policy.decision_rows(decisions, where)))
-    # act
+    # act (failing more runs than FD_APPROVAL_FAILED_RUNS waits for a person; rejected: nothing is done)
+    ask = approval.failed_runs(settings, len(work.to_fail), action="fail-runs", sample=work.to_fail)
+    if not approval.approve(result, ask, settings=settings, dry_run=dry_run, key=SWEEP):
+        return
     if work.to_fail:
         failed = result.perform(
             "fail-runs", _n(work.to_fail, "run"), dry_run=dry_run,
@@ -284,6 +289,9 @@ def _fail_oldest(result: StuckRunsSweep, *, settings: Settings, cutoff: datetime
         return
     result.note("decided", f"action=fail: fail {result.found} run(s) (the oldest, at most max_runs={max_runs}) with "
                 "WORKER_TIMEOUT, in one UPDATE that re-checks `running` and the cutoff on every row")
+    ask = approval.failed_runs(settings, result.found, action="fail-stuck-runs")
+    if not approval.approve(result, ask, settings=settings, dry_run=dry_run, key=SWEEP):
+        return
     # act
     ids = result.perform(
         "fail-stuck-runs", f"oldest {_n(result.found, 'stuck run')}", dry_run=dry_run,
@@ -310,30 +318,25 @@ def _fail_oldest(result: StuckRunsSweep, *, settings: Settings, cutoff: datetime
 
 @flow(
     name=FAIL_RUN,
-    flow_run_name="fail-run {run_id} dry-run-{dry_run}",
+    flow_run_name=keep_typed_name("fail-run {run_id} dry-run-{dry_run}"),
     description=(
         "Mark one `running` run failed with an error code and message (WORKER_TIMEOUT by default) — the runbook's "
         "manual UPDATE, guarded: a run that is no longer running is left as it is. Dry run by default."
     ),
 )
+@describe_parameters
 def fail_run(
-    run_id: Annotated[str, Field(pattern=_ID_PATTERN, description="The run to fail, e.g. `run_01H...`.")],
-    code: Annotated[str, Field(min_length=1, max_length=64, description="Error code written to the run.")] = (
-        "WORKER_TIMEOUT"
-    ),
+    run_id: Annotated[str, Field(pattern=_ID_PATTERN, title="Run id",
+                                 description="The run to fail, e.g. `run_01H...` (letters, digits, `_.:-`).")],
+    code: Annotated[str, Field(min_length=1, max_length=64, title="Error code",
+                               description="Error code written to the run's `error` JSON.")] = "WORKER_TIMEOUT",
     message: Annotated[
-        str, Field(min_length=1, max_length=500, description="Error message written to the run.")
+        str, Field(min_length=1, max_length=500, title="Error message",
+                   description="Error message written to the run's `error` JSON.")
     ] = "Worker did not respond",
-    dry_run: Annotated[bool, Field(description="Only report what would be done.")] = True,
+    dry_run: Annotated[bool, Field(title="Dry run", description="Only report what would be done.")] = True,
 ) -> FailRun:
-    """Observe the run, fail it if still running (guarded), read it back, report.
-
-    Args:
-        run_id: The run to fail, e.g. `run_01H...` (letters, digits, `_.:-`).
-        code: Error code written to the run's `error` JSON.
-        message: Error message written to the run's `error` JSON.
-        dry_run: Only report what would be done.
-    """
+    """Observe the run, fail it if still running (guarded), read it back, report."""
     validate_id(run_id, what="run id")
     settings = get_settings()
     title = f"fail-run {run_id}" + (" (dry run)" if dry_run else "")
@@ -350,6 +353,9 @@ def fail_run(
                 result.check("run is no longer running", True, f"`{before.status}`")
             return conclude(result, key=FAIL_RUN)
         result.note("decided", f"fail it with `{code}`: {message}")
+        ask = approval.failed_runs(settings, 1, action="fail-run", sample=[run_id])
+        if not approval.approve(result, ask, settings=settings, dry_run=dry_run, key=FAIL_RUN):
+            return conclude(result, key=FAIL_RUN)
         # act
         done = result.perform(
             "fail-run", f"run/{run_id}", dry_run=dry_run,
@@ -377,25 +383,22 @@ def fail_run(
 
 @flow(
     name=RETRY_STEP,
-    flow_run_name="retry-step {run_id}/{step_id} dry-run-{dry_run}",
+    flow_run_name=keep_typed_name("retry-step {run_id}/{step_id} dry-run-{dry_run}"),
     description=(
         "Re-enqueue one step through the gateway's retry API — the runbook's manual curl — unless the step is "
         "already queued or held by a worker; then check it is queued. The API key is never shown. Dry run by "
         "default."
     ),
 )
+@describe_parameters
 def retry_step(
-    run_id: Annotated[str, Field(pattern=_ID_PATTERN, description="The step's run.")],
-    step_id: Annotated[str, Field(pattern=_ID_PATTERN, description="The step to re-enqueue.")],
-    dry_run: Annotated[bool, Field(description="Only report what would be done.")] = True,
+    run_id: Annotated[str, Field(pattern=_ID_PATTERN, title="Run id",
+                                 description="The step's run (letters, digits, `_.:-`).")],
+    step_id: Annotated[str, Field(pattern=_ID_PATTERN, title="Step id",
+                                  description="The step to re-enqueue (letters, digits, `_.:-`).")],
+    dry_run: Annotated[bool, Field(title="Dry run", description="Only report what would be done.")] = True,
 ) -> RetryStep:
-    """Observe the step (database and queue), call the gateway (guarded), check it is queued, report.
-
-    Args:
-        run_id: The step's run (letters, digits, `_.:-`).
-        step_id: The step to re-enqueue (letters, digits, `_.:-`).
-        dry_run: Only report what would be done.
-    """
+    """Observe the step (database and queue), call the gateway (guarded), check it is queued, report."""
     validate_id(run_id, what="run id")
     validate_id(step_id, what="step id")
     settings = get_settings()

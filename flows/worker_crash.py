@@ -20,12 +20,13 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from flows._ui import describe_parameters
-from tasks import kube, queue
+from flows._ui import LoggedResult, Setting, describe_parameters, keep_typed_name, setting
+from tasks import approval, kube, queue
+from tasks.approval import ApprovalRecord
 from tasks.correlate import CrashPlan, Skipped, decide_crash, live_consumers, plan_crash
 from tasks.events import emit_recovery_event
 from tasks.kube_diagnosis import Classification
-from tasks.outcome import ActionStatus, RecoveryResult, Table
+from tasks.outcome import ActionStatus, Table
 from tasks.recovery import (
     WorkerRecovery,
     observe_workers,
@@ -69,41 +70,51 @@ class CrashedWorker(BaseModel):
     runs_retried: list[str] = Field(default_factory=list)
 
 
-class CrashRecovery(RecoveryResult):
+class CrashRecovery(LoggedResult):
     """What a crash recovery run saw, did and verified, per crashed worker."""
 
     targets: list[CrashedWorker] = Field(default_factory=list)
     skipped: list[Skipped] = Field(default_factory=list)
+    approval: ApprovalRecord | None = None
 
 
-@flow(name=FLOW_NAME, flow_run_name=_run_name, log_prints=False)
+@flow(name=FLOW_NAME, flow_run_name=keep_typed_name(_run_name), log_prints=False)
 @describe_parameters
 def worker_crash_recovery(
     pod: Annotated[
         str | None,
-        Field(max_length=253, description="Worker pod that crashed (e.g. from the alert); empty = every crashed worker."),
+        Field(max_length=253, title="Crashed pod",
+              description="Worker pod that crashed (e.g. from the alert); empty: every crashed worker."),
     ] = None,
-    dry_run: Annotated[bool, Field(description="Only report what would be done; change nothing.")] = True,
+    dry_run: Annotated[bool, Field(title="Dry run", description="Only report what would be done; change nothing.")] = True,
     replace_pod: Annotated[
-        bool, Field(description="Delete a crash-looping pod so its Deployment starts a fresh one (guarded).")
+        bool, Field(title="Replace the pod",
+                    description="Delete a crash-looping pod so its Deployment starts a fresh one (guarded).")
     ] = True,
-    evict: Annotated[bool, Field(description="Replace through the Eviction API (respects PodDisruptionBudgets).")] = False,
+    evict: Annotated[bool, Field(title="Evict instead of delete",
+                                 description="Replace through the Eviction API (respects PodDisruptionBudgets).")] = False,
     max_deliveries: Annotated[
-        int, Field(ge=1, le=100, description="Dead-letter any entry delivered this often (runbook: 3).")
+        int, Field(ge=1, le=100, title="Dead-letter after (deliveries)",
+                   description="Dead-letter any entry delivered this often (runbook: 3).")
     ] = 3,
     poison_min_deliveries: Annotated[
         int | None,
-        Field(ge=2, le=100, description="A crashed consumer's entry delivered this often is poison (default setting)."),
+        Field(ge=2, le=100, title="Poison after (deliveries)",
+              description="A crashed consumer's entry delivered this often is the poison suspect."),
+        Setting("poison_min_deliveries"),
     ] = None,
     replacement_timeout_s: Annotated[
-        float | None, Field(gt=0, le=3600, description="Wait this long for a Ready replacement (default setting).")
+        float | None, Field(gt=0, le=3600, title="Replacement timeout (s)",
+                            description="Wait this long for a Ready replacement pod."),
+        Setting("replacement_timeout_s"),
     ] = None,
     verify_consuming_s: Annotated[
-        float, Field(ge=0, le=600, description="Wait this long for the replacement's consumer to read from Redis.")
+        float, Field(ge=0, le=600, title="Verify consuming within (s)",
+                     description="Wait this long for the replacement's consumer to read from Redis.")
     ] = 30.0,
 ) -> CrashRecovery:
     """Recover crashed workers: poison to the DLQ, their steps requeued at once, pod replaced, runs settled."""
-    settings = get_settings()
+    settings, pod = get_settings(), pod or None
     title = f"Worker crash recovery: {pod or 'all crashed workers'}" + (" (dry run)" if dry_run else "")
     with recording(CrashRecovery(flow=FLOW_NAME, title=title, dry_run=dry_run)) as result:
         # observe: pods joined with consumers; each crashed consumer's pending list, read once
@@ -115,7 +126,7 @@ def worker_crash_recovery(
                    for t in decision.targets if t.pending}
         # decide (pure)
         plans = plan_crash(decision=decision, pods=view.pods, entries=entries, max_deliveries=max_deliveries,
-                           poison_min_deliveries=poison_min_deliveries or settings.poison_min_deliveries,
+                           poison_min_deliveries=setting(poison_min_deliveries, settings, "poison_min_deliveries"),
                            replace_pod=replace_pod, ready_workers=view.ready_workers,
                            min_healthy_workers=settings.min_healthy_workers)
         result.skipped = decision.skipped
@@ -123,9 +134,12 @@ def worker_crash_recovery(
                     if plans else "No crashed worker: nothing to do.")
         if decision.skipped:
             result.note("decided", Table(caption="Left alone", rows=[s.model_dump() for s in decision.skipped]))
+        deletions = approval.pod_deletions(settings, [p.target.pod for p in plans if p.replace], evict=evict)
+        if not approval.approve(result, deletions, settings=settings, dry_run=dry_run):
+            return conclude(result)
         # act, then verify, one crashed worker at a time
         ctx = WorkerRecovery(settings=settings, dry_run=dry_run, evict=evict, max_deliveries=max_deliveries,
-                             timeout_s=replacement_timeout_s or settings.replacement_timeout_s,
+                             timeout_s=setting(replacement_timeout_s, settings, "replacement_timeout_s"),
                              live=live_consumers(view.links, besides=[t.pod for t in decision.targets]),
                              known=sorted(view.pods))
         for plan in plans:

@@ -18,11 +18,12 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from flows._ui import describe_parameters
-from tasks import kube, queue
+from flows._ui import LoggedResult, Setting, describe_parameters, keep_typed_name, setting
+from tasks import approval, kube, queue
+from tasks.approval import ApprovalRecord
 from tasks.correlate import HangDecision, HangVerdict, Sample, decide_hang, lag_falling, removal_refused
 from tasks.events import emit_recovery_event
-from tasks.outcome import ActionStatus, RecoveryResult, Table
+from tasks.outcome import ActionStatus, Table
 from tasks.recovery import (
     WorkerRecovery,
     lag_samples,
@@ -62,13 +63,14 @@ class HungWorker(BaseModel):
     runs_failed: list[str] = Field(default_factory=list)
 
 
-class HangRecovery(RecoveryResult):
+class HangRecovery(LoggedResult):
     """What a hang recovery run saw, decided, did and verified."""
 
     decision: HangDecision | None = None
     workers: list[HungWorker] = Field(default_factory=list)
     lag_after: list[int] = Field(default_factory=list)
     lag_falling: bool | None = None
+    approval: ApprovalRecord | None = None
 
 
 def sample_rows(sample: Sample, *, consumer_for_pod: Any) -> list[dict[str, Any]]:
@@ -83,36 +85,51 @@ def sample_rows(sample: Sample, *, consumer_for_pod: Any) -> list[dict[str, Any]
     return rows
 
 
-@flow(name=FLOW_NAME, flow_run_name=_run_name)
+@flow(name=FLOW_NAME, flow_run_name=keep_typed_name(_run_name))
 @describe_parameters
 def worker_hang_recovery(
     pod: Annotated[
-        str | None, Field(max_length=253, description="Worker pod suspected hung (e.g. from the alert); empty = all.")
+        str | None, Field(max_length=253, title="Suspected pod",
+                          description="Worker pod suspected hung (e.g. from the alert); empty: every worker.")
     ] = None,
-    dry_run: Annotated[bool, Field(description="Only report what would be done; change nothing.")] = True,
-    samples: Annotated[int, Field(ge=2, le=30, description="Samples of CPU, pending and lag before deciding.")] = 3,
-    sample_interval_s: Annotated[float, Field(ge=0, le=300, description="Seconds between samples.")] = 10.0,
+    dry_run: Annotated[bool, Field(title="Dry run", description="Only report what would be done; change nothing.")] = True,
+    samples: Annotated[int, Field(ge=2, le=30, title="Samples (count)",
+                                  description="Samples of CPU, pending entries and lag taken before deciding.")] = 3,
+    sample_interval_s: Annotated[float, Field(ge=0, le=300, title="Sample interval (s)",
+                                              description="Seconds between two samples.")] = 10.0,
     min_idle_ms: Annotated[
-        int | None, Field(ge=0, description="Consumer silent at least this long while holding entries (default setting).")
+        int | None, Field(ge=0, title="Consumer silent for (ms)",
+                          description="A hung worker's consumer has not read for at least this long while holding "
+                          "entries."),
+        Setting("hang_min_idle_ms"),
     ] = None,
     max_cpu_millicores: Annotated[
-        float | None, Field(ge=0, description="CPU at or below this counts as near zero (default setting).")
+        float | None, Field(ge=0, title="Near-zero CPU (millicores)",
+                            description="CPU at or below this counts as near zero."),
+        Setting("hung_cpu_millicores"),
     ] = None,
     require_lag_growth: Annotated[
-        bool, Field(description="Act only when the queue lag grows across the samples (runbook symptom).")
+        bool, Field(title="Require a growing lag",
+                    description="Act only when the queue lag grows across the samples (the runbook's symptom).")
     ] = True,
-    evict: Annotated[bool, Field(description="Use the Eviction API (respects PodDisruptionBudgets) instead of delete.")] = False,
+    evict: Annotated[bool, Field(title="Evict instead of delete",
+                                 description="Use the Eviction API (respects PodDisruptionBudgets).")] = False,
     replacement_timeout_s: Annotated[
-        float | None, Field(gt=0, le=3600, description="Wait this long for a Ready replacement (default setting).")
+        float | None, Field(gt=0, le=3600, title="Replacement timeout (s)",
+                            description="Wait this long for a Ready replacement pod."),
+        Setting("replacement_timeout_s"),
     ] = None,
-    max_deliveries: Annotated[int, Field(ge=1, le=100, description="Dead-letter entries delivered this often.")] = 3,
-    verify_samples: Annotated[int, Field(ge=1, le=30, description="Lag samples taken after the recovery.")] = 3,
-    verify_interval_s: Annotated[float, Field(ge=0, le=300, description="Seconds between verification samples.")] = 5.0,
+    max_deliveries: Annotated[int, Field(ge=1, le=100, title="Dead-letter after (deliveries)",
+                                         description="Dead-letter a requeued entry delivered this often.")] = 3,
+    verify_samples: Annotated[int, Field(ge=1, le=30, title="Verification samples (count)",
+                                         description="Lag samples taken after the recovery.")] = 3,
+    verify_interval_s: Annotated[float, Field(ge=0, le=300, title="Verification interval (s)",
+                                              description="Seconds between verification samples.")] = 5.0,
 ) -> HangRecovery:
     """Replace hung workers (Ready, idle entries, CPU ~0, lag growing) and recover what they held."""
-    settings = get_settings()
-    idle = settings.hang_min_idle_ms if min_idle_ms is None else min_idle_ms
-    cpu_max = settings.hung_cpu_millicores if max_cpu_millicores is None else max_cpu_millicores
+    settings, pod = get_settings(), pod or None
+    idle = setting(min_idle_ms, settings, "hang_min_idle_ms")
+    cpu_max = setting(max_cpu_millicores, settings, "hung_cpu_millicores")
     title = f"Worker hang recovery: {pod or 'all workers'}" + (" (dry run)" if dry_run else "")
     with recording(HangRecovery(flow=FLOW_NAME, title=title, dry_run=dry_run)) as result:
         # observe
@@ -128,9 +145,12 @@ def worker_hang_recovery(
         result.note("decided", Table(
             caption=f"Hang verdicts (idle >= {idle} ms, CPU <= {cpu_max:g}m, lag growth required: {require_lag_growth})",
             rows=[{"pod": v.pod, "hung": v.hung, "reason": v.reason} for v in decision.verdicts]))
+        deletions = approval.pod_deletions(settings, [v.pod for v in decision.hung], evict=evict)
+        if not approval.approve(result, deletions, settings=settings, dry_run=dry_run):
+            return conclude(result)
         # act, one hung pod at a time (each waits for its replacement before the next is taken)
         ctx = WorkerRecovery(settings=settings, dry_run=dry_run, evict=evict, max_deliveries=max_deliveries,
-                             timeout_s=replacement_timeout_s or settings.replacement_timeout_s,
+                             timeout_s=setting(replacement_timeout_s, settings, "replacement_timeout_s"),
                              known=[p.name for p in last.pods],
                              live=[settings.consumer_for_pod(p.name) for p in last.pods if p.serving])
         for verdict in decision.hung:

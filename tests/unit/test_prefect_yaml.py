@@ -88,3 +88,55 @@ def test_the_ui_form_describes_every_parameter(spec):
     properties = parameter_schema(_flow(spec)).model_dump()["properties"]
     assert properties
     assert [name for name, p in properties.items() if not p.get("description")] == []
+
+
+# ------------------------------------------------------------------ the form a person fills in (issue 13, item 5)
+
+#: flows still converted by others while this was written (flows/_ui.Setting + titles): remove as they land
+FORM_NOT_YET = {"queue-sweep", "worker-failure-triage", "incident-timeline"}
+FORM_SPECS = [s for s in SPECS if s["name"] not in FORM_NOT_YET]
+
+
+def _form(spec) -> dict:
+    from prefect.utilities.callables import parameter_schema
+
+    return parameter_schema(_flow(spec)).model_dump()["properties"]
+
+
+@pytest.mark.parametrize("spec", FORM_SPECS, ids=[s["name"] for s in FORM_SPECS])
+def test_every_form_field_has_a_human_title_and_numbers_a_unit(spec):
+    for name, prop in _form(spec).items():
+        assert prop["title"] != name and prop["title"][:1].isupper() and "_" not in prop["title"], (name, prop)
+        if prop.get("type") in ("integer", "number"):
+            assert prop["title"].rstrip().endswith(")"), f"{name}: the unit goes in the title, e.g. 'Timeout (s)'"
+
+
+@pytest.mark.parametrize("spec", FORM_SPECS, ids=[s["name"] for s in FORM_SPECS])
+def test_no_field_is_a_type_switch_and_each_setting_shows_its_effective_default(spec):
+    from flows._ui import form_fields
+    from tasks.settings import get_settings
+
+    props = _form(spec)
+    switches = [n for n, p in props.items() if "anyOf" in p or p.get("type") == "null"]
+    assert switches == [], 'these render as an "int / None" switch ("Property is type None")'
+    assert [n for n, p in props.items() if "default" in p and p["default"] is None] == []
+    for name, field in form_fields(_flow(spec)).items():
+        if field.setting is None:
+            continue
+        value = getattr(get_settings(), field.setting.name)
+        assert props[name]["default"] == value
+        assert f"Default: {field.setting.env} = " in props[name]["description"], name
+        assert "(default setting)" not in props[name]["description"]
+
+
+def test_the_registered_deployment_carries_that_form():
+    """What `fd-recovery serve` registers (and the UI's custom-run form shows) is the flow's form."""
+    from deployments.serve import build_runner_deployments
+
+    [deployment] = build_runner_deployments(names=["worker-crash-recovery"])
+    schema = deployment._parameter_openapi_schema.model_dump()
+    timeout = schema["properties"]["replacement_timeout_s"]
+    assert timeout["title"] == "Replacement timeout (s)" and timeout["type"] == "number"
+    assert "Default: FD_REPLACEMENT_TIMEOUT_S = 180 s." in timeout["description"]
+    assert schema["properties"]["pod"] == {**schema["properties"]["pod"], "type": "string", "default": ""}
+    assert schema["required"] == []  # every field keeps a default: automations may omit any of them
