@@ -32,6 +32,30 @@ claimed but not yet moved to Pending is then taken by another runner); ``RunClai
 zombie-run handling find and free the claim of a run whose runner is gone. If a runner could not renew a claim
 for a whole lease (Redis unreachable, process frozen) before its Pending landed, it checks the state history
 and runs the run only if its Pending came straight from Scheduled.
+
+Zombies: a runner that dies (kill -9, OOM, node loss) leaves its runs Running, holding their deployment
+concurrency slot (Prefect's slot lease lasts 300 s, renewed by the engine) — and the recovery they were doing
+half done. Every runner looks, every ``FD_RUNNER_ZOMBIE_SCAN_S`` (``reap_zombies``), at the Pending/Running/
+Cancelling runs of its deployments whose claim is gone (their holder stopped renewing it) and whose Pending
+was a ``claimed by fd-recovery serve`` claim (runs of other runners are never touched). Such a run is taken
+with the same ``SET NX`` claim (one reaper per run, whichever runner gets there first), its state read again,
+and it is proposed Crashed (Cancelling: Cancelled) — which makes Prefect release its deployment concurrency
+slot at once (its ``ReleaseFlowConcurrencySlots`` rule revokes the slot's lease on leaving Running). Then the
+recovery is finished: a NEW run of the same deployment with the same parameters (idempotency key
+``fd-recovery-rerun:<zombie id>``, tags ``fd-rerun``, ``fd-rerun-of:<id>``, ``fd-rerun-depth:<n>``; not for
+scheduled runs, whose next slot re-runs them; not beyond ``FD_RUNNER_MAX_RERUNS`` in a row), run by whichever
+runner claims it. The flows are idempotent and their guard keeps a cooldown only for an action that took
+effect, so the re-run does what is left and nothing twice. Bound: a run is Crashed at most
+``FD_RUNNER_CLAIM_LEASE_S + FD_RUNNER_ZOMBIE_SCAN_S`` (30 + 10 s) after its runner died. A runner stopped by
+SIGTERM whose grace (``FD_RUNNER_GRACE_S``) ran out does the same for its own unfinished runs before it exits
+(Crashed, re-run by another runner). A runner that is alive but could not reach Redis for a whole lease loses
+its claims and may see its runs re-run by another runner (the engine's late state proposals are then refused,
+the run being Crashed already): the flows' idempotence and guard are what make that safe.
+
+Dependencies that come and go: the poll, the zombie scan and the event flush use a client without Prefect's
+retry back-off (a poll that fails is simply the next poll, at most ``API_DOWN_WAIT_S`` later), so runs are
+picked up within about a second of the API answering again; the flows keep Prefect's retries. Recovery events
+wait in a Redis outbox while the API is unreachable (``tasks/events.py``); each runner flushes it every second.
 """
 
 from __future__ import annotations
@@ -39,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import random
 import signal
 import socket
 import threading
@@ -67,17 +92,33 @@ from prefect.exceptions import ObjectNotFound
 from prefect.flow_engine import run_flow
 from prefect.flows import Flow
 from prefect.logging import get_logger
-from prefect.settings import PREFECT_RUNNER_PROCESS_LIMIT, PREFECT_RUNNER_SERVER_ENABLE, get_current_settings
-from prefect.states import Crashed, Pending
+from prefect.settings import (
+    PREFECT_CLIENT_MAX_RETRIES,
+    PREFECT_RUNNER_PROCESS_LIMIT,
+    PREFECT_RUNNER_SERVER_ENABLE,
+    get_current_settings,
+    temporary_settings,
+)
+from prefect.states import Cancelled, Crashed, Pending
+from pydantic import BaseModel
 
 from tasks.settings import Settings, get_settings
 
 log = get_logger("runner.inprocess")
 MARK_READY_S = 10.0  # how often the poll also tells the API the deployments are served (status Ready)
-CLAIM_LEASE_S = 30.0  # a dead runner's claims expire this long after its last renewal (renewed every third)
+CLAIM_LEASE_S = 30.0  # a dead runner's claims expire this long after its last renewal (FD_RUNNER_CLAIM_LEASE_S)
+CLAIM_TOKEN = "claimed by fd-recovery serve "  # + the runner's identity: the message of the Pending it proposes
 CANDIDATES_PER_SLOT = 4  # due runs read per free slot: runs other runners hold are skipped at Redis cost
 STORE_DOWN_LOG_S = 30.0  # while Redis is unavailable, say so at most this often
 WAIT_CAP_S = 5.0  # longest wait honoured for one WAIT answer to a Pending proposal
+API_DOWN_WAIT_S = 1.0  # while the Prefect API does not answer, poll at least this often
+API_DOWN_LOG_S = 30.0  # ... and say so at most this often
+UPKEEP_S = 1.0  # the upkeep thread's tick: flush the events outbox; reap zombies every FD_RUNNER_ZOMBIE_SCAN_S
+ZOMBIE_SCAN_LIMIT = 200  # live runs of our deployments read per scan
+RERUN_TAG = "fd-rerun"
+RERUN_OF_TAG = "fd-rerun-of:"
+RERUN_DEPTH_TAG = "fd-rerun-depth:"
+LIVE_TYPES = (StateType.PENDING, StateType.RUNNING, StateType.CANCELLING)
 
 
 class ClaimStoreUnavailable(Exception):
@@ -114,11 +155,13 @@ class RunClaims:
         self._release = client.register_script(self._RELEASE)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, owner: str | None = None, lease_s: float = CLAIM_LEASE_S) -> RunClaims:
-        """Claims in ``settings.redis_url`` under ``settings.state_prefix`` (short timeouts: a poll must not hang)."""
+    def from_settings(cls, settings: Settings, *, owner: str | None = None, lease_s: float | None = None) -> RunClaims:
+        """Claims in ``settings.redis_url`` under ``settings.state_prefix`` (short timeouts: a poll must not hang),
+        with a lease of ``lease_s`` (default ``FD_RUNNER_CLAIM_LEASE_S``)."""
         client = redis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
                                       socket_timeout=5, socket_connect_timeout=3, health_check_interval=30)
-        return cls(client, prefix=settings.state_prefix, owner=owner, lease_s=lease_s)
+        return cls(client, prefix=settings.state_prefix, owner=owner,
+                   lease_s=settings.runner_claim_lease_s if lease_s is None else lease_s)
 
     def key(self, flow_run_id: UUID) -> str:
         return f"{self.prefix}:claim:flow-run:{flow_run_id}"
@@ -148,6 +191,14 @@ class RunClaims:
         with _store_errors():
             return self.redis.get(self.key(flow_run_id))
 
+    def holders(self, flow_run_ids: Sequence[UUID]) -> dict[UUID, str | None]:
+        """``holder`` of many runs in one round trip (MGET)."""
+        if not flow_run_ids:
+            return {}
+        with _store_errors():
+            values = self.redis.mget([self.key(i) for i in flow_run_ids])
+        return dict(zip(flow_run_ids, values, strict=True))
+
 
 @contextmanager
 def _store_errors() -> Iterator[None]:
@@ -166,18 +217,21 @@ class InProcessRunner:
         *,
         limit: int | None = None,
         poll_seconds: float = 0.25,
-        grace_seconds: float = 45.0,
+        grace_seconds: float | None = None,
         claims: RunClaims | None = None,
         settings: Settings | None = None,
+        zombie_scan_s: float | None = None,
     ) -> None:
         if not served:
             raise ValueError("nothing to serve: no deployments")
         self.limit = limit or PREFECT_RUNNER_PROCESS_LIMIT.value() or 5
         if self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        self.settings = settings or get_settings()
         self.poll_seconds = poll_seconds
-        self.grace_seconds = grace_seconds
-        self.claims = claims or RunClaims.from_settings(settings or get_settings())
+        self.grace_seconds = self.settings.runner_grace_s if grace_seconds is None else grace_seconds
+        self.zombie_scan_s = self.settings.runner_zombie_scan_s if zombie_scan_s is None else zombie_scan_s
+        self.claims = claims or RunClaims.from_settings(self.settings)
         self._served = list(served)
         self._flows: dict[UUID, Flow[..., Any]] = {}
         self._running: dict[UUID, threading.Thread] = {}
@@ -189,7 +243,9 @@ class InProcessRunner:
         self._keeper_stop = threading.Event()
         self._next_mark_ready = 0.0
         self._store_down_logged = 0.0  # time.monotonic() the claim store was last reported unavailable
+        self._not_ours: dict[tuple[UUID, UUID | None], None] = {}  # (run, state) whose Pending was no serve claim
         self.last_polled: float | None = None  # time.monotonic() of the last successful poll
+        self.reaped: list[Reaped] = []  # zombies this runner ended (newest last; for logs and tests)
 
     @property
     def identity(self) -> str:
@@ -282,7 +338,7 @@ class InProcessRunner:
             log.debug("flow run %s is claimed by another runner", flow_run.id)
             return False
         self._hold(flow_run.id)
-        token = f"claimed by fd-recovery serve {self.identity}"
+        token = f"{CLAIM_TOKEN}{self.identity}"
         try:
             current = client.read_flow_run(flow_run.id)
             if current.state is None or current.state.type != StateType.SCHEDULED:
@@ -425,23 +481,45 @@ class InProcessRunner:
             self._unclaim(flow_run.id)  # its execution ended: a run put back to Scheduled may be claimed again
 
     def run(self) -> None:
-        """Register (unless done), then poll until ``stop()``; then wait for running flows (``grace_seconds``)."""
+        """Register (unless done), then poll until ``stop()``; then wait for running flows (``grace_seconds``).
+
+        The poll's client does not retry (Prefect's back-off would hold the loop for up to half a minute after
+        the API came back): a failed poll is logged (once per outage, then every ``API_DOWN_LOG_S``) and the
+        next one follows within ``API_DOWN_WAIT_S``."""
         if not self._flows:
             self.register()
         self._ensure_keeper()
+        upkeep = threading.Thread(target=self._upkeep, name="runner-upkeep", daemon=True)
+        upkeep.start()
         try:
-            with get_client(sync_client=True) as client:
+            with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
+                down_since: float | None = None
+                said = 0.0
                 while not self._stopping.is_set():
                     t0 = time.monotonic()
+                    wait = self.poll_seconds
                     try:
                         self.poll_once(client)
                         self.last_polled = time.monotonic()
-                    except Exception:  # an unreachable API must not end the serve process
-                        log.exception("polling the Prefect API for due flow runs failed; retrying")
-                    self._stopping.wait(max(0.0, self.poll_seconds - (time.monotonic() - t0)))  # poll
+                        if down_since is not None:
+                            log.info("the Prefect API answers again (unreachable for %.1f s): polling resumed",
+                                     time.monotonic() - down_since)
+                            down_since = None
+                    except Exception as e:  # an unreachable API must not end the serve process
+                        wait = max(self.poll_seconds, API_DOWN_WAIT_S)
+                        if down_since is None:
+                            down_since, said = t0, t0
+                            log.exception("polling the Prefect API for due flow runs failed; retrying every %g s",
+                                          wait)
+                        elif t0 - said >= API_DOWN_LOG_S:
+                            said = t0
+                            log.error("the Prefect API has not answered for %.0f s (%s: %s); still retrying",
+                                      t0 - down_since, type(e).__name__, str(e)[:200])
+                    self._stopping.wait(max(0.0, wait - (time.monotonic() - t0)))  # poll
             self._drain()
         finally:
             self._keeper_stop.set()
+            upkeep.join(5)
 
     def stop(self) -> None:
         """Stop polling for new runs; ``run()`` returns once running flows finish or the grace period ends.
@@ -451,14 +529,161 @@ class InProcessRunner:
         self._stopping.set()
 
     def _drain(self) -> None:
-        """Wait for running flows until the grace period ends (or a second stop); report the rest Crashed."""
+        """Wait for running flows until the grace period ends (or a second stop); the rest are Crashed, and re-run
+        (by another runner) unless scheduled — still holding their claims, so no reaper races us."""
         deadline = time.monotonic() + self.grace_seconds
         while self.running() and time.monotonic() < deadline and not self._hurry.is_set():
             self._hurry.wait(0.2)  # poll
-        for run_id in self.running():
-            log.warning("flow run %s still running at shutdown: reported Crashed", run_id)
-            _crash_if_unfinished(run_id, message="fd-recovery serve stopped before the flow run finished")
-            self._unclaim(run_id)
+        left = self.running()
+        if not left:
+            return
+        try:
+            with get_client(sync_client=True) as client:
+                for run_id in left:
+                    log.warning("flow run %s still running at shutdown: Crashed (and re-run by another runner)", run_id)
+                    try:
+                        run = client.read_flow_run(run_id)
+                        if run.state is not None and run.state.type in LIVE_TYPES:
+                            self._end(client, run, why=f"fd-recovery serve {self.identity} was stopped before the "
+                                      f"flow run finished (grace {self.grace_seconds:g} s)")
+                    except Exception:
+                        log.exception("could not end flow run %s at shutdown: another runner will (zombie)", run_id)
+                    self._unclaim(run_id)
+        except Exception:
+            log.exception("could not reach the Prefect API at shutdown: other runners end the %d runs left", len(left))
+
+    # ------------------------------------------------------------------------------------ upkeep, zombies
+
+    def _upkeep(self) -> None:
+        """Every ``UPKEEP_S``: flush the recovery events outbox; every ``zombie_scan_s`` (jittered, so replicas
+        spread out): reap zombie runs. Its own client, without Prefect's back-off (the next tick retries)."""
+        from tasks.events import EventOutbox
+
+        outbox = EventOutbox.from_settings(self.settings)
+        next_scan = time.monotonic() + self.zombie_scan_s * random.uniform(0.2, 1.0)
+        with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
+            while not self._keeper_stop.wait(UPKEEP_S):  # poll
+                if outbox is not None:
+                    try:
+                        outbox.flush(owner=self.identity)
+                    except Exception as e:  # Redis or the API down: the next tick tries again
+                        log.debug("flushing the events outbox failed: %s", e)
+                if time.monotonic() >= next_scan and not self._stopping.is_set():
+                    next_scan = time.monotonic() + self.zombie_scan_s * random.uniform(0.8, 1.2)
+                    try:
+                        self.reap_zombies(client)
+                    except ClaimStoreUnavailable as e:
+                        log.warning("cannot look for zombie runs: the claim store is unavailable (%s)", e)
+                    except Exception as e:
+                        log.warning("looking for zombie runs failed (%s: %s); next scan in %g s", type(e).__name__,
+                                    str(e)[:200], self.zombie_scan_s)
+
+    def find_zombies(self, client: SyncPrefectClient) -> list[FlowRun]:
+        """Pending/Running/Cancelling runs of our deployments that a ``serve`` runner claimed and nobody holds."""
+        if not self.deployment_ids:
+            return []
+        live = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=self.deployment_ids),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(LIVE_TYPES))),
+            ),
+            limit=ZOMBIE_SCAN_LIMIT,
+        )
+        mine = set(self.claimed())
+        holders = self.claims.holders([r.id for r in live if r.id not in mine])
+        return [r for r in live if r.id in holders and holders[r.id] is None and self._serve_claimed(client, r)]
+
+    def _serve_claimed(self, client: SyncPrefectClient, run: FlowRun) -> str | None:
+        """The identity of the ``serve`` runner whose Pending started this run (None: another kind of runner)."""
+        key = (run.id, run.state.id if run.state else None)
+        if key in self._not_ours:
+            return None
+        if run.state is not None and run.state.is_pending() and (run.state.message or "").startswith(CLAIM_TOKEN):
+            return run.state.message.removeprefix(CLAIM_TOKEN)
+        pendings = [s for s in client.read_flow_run_states(run.id) if s.is_pending()]
+        message = pendings[-1].message or "" if pendings else ""
+        if message.startswith(CLAIM_TOKEN):
+            return message.removeprefix(CLAIM_TOKEN)
+        if len(self._not_ours) > 10_000:
+            self._not_ours.clear()
+        self._not_ours[key] = None
+        return None
+
+    def reap_zombies(self, client: SyncPrefectClient) -> list[Reaped]:
+        """End the zombie runs of our deployments (see the module docstring); what was done to each."""
+        done = []
+        for zombie in self.find_zombies(client):
+            if not self.claims.acquire(zombie.id):
+                continue  # another runner is reaping it (or its holder is back)
+            try:
+                current = client.read_flow_run(zombie.id)
+                holder = self._serve_claimed(client, current) if current.state else None
+                if current.state is None or current.state.type not in LIVE_TYPES or holder is None:
+                    continue  # it ended (or was re-claimed and ended) meanwhile
+                reaped = self._end(client, current, why=(
+                    f"its runner (fd-recovery serve {holder}) stopped renewing its claim for over "
+                    f"{self.claims.lease_s:g} s: it died or lost Redis"))
+                if reaped is not None:
+                    done.append(reaped)
+            finally:
+                self.claims.release(zombie.id)
+        return done
+
+    def _end(self, client: SyncPrefectClient, run: FlowRun, *, why: str) -> Reaped | None:
+        """Crash a live run whose execution is gone (Cancelling: Cancelled) and start its re-run; the caller holds
+        the run's claim. Leaving Running releases the run's deployment concurrency slot (Prefect's rule)."""
+        assert run.state is not None
+        previous = run.state.name
+        cancelling = run.state.type == StateType.CANCELLING
+        proposed = (Cancelled(message=f"Cancelled: {why}") if cancelling
+                    else Crashed(message=f"Crashed by fd-recovery serve {self.identity}: {why}"))
+        result = client.set_flow_run_state(run.id, proposed)
+        if result.status != SetStateStatus.ACCEPT:
+            log.warning("flow run %s (%s): Prefect answered %s to %s: left as it is", run.name, run.id,
+                        result.status.value, proposed.name)
+            return None
+        rerun = None if cancelling else self._rerun(client, run)
+        reaped = Reaped(flow_run_id=run.id, name=run.name, was=previous, now=proposed.name,
+                        rerun_id=rerun.id if rerun else None)
+        log.warning("flow run %s (%s) was %s without a runner: %s (%s)%s", run.name, run.id, previous,
+                    proposed.name, why, f"; re-run as {rerun.name} ({rerun.id})" if rerun else "")
+        self.reaped.append(reaped)
+        return reaped
+
+    def _rerun(self, client: SyncPrefectClient, run: FlowRun) -> FlowRun | None:
+        """A new run of the same deployment with the same parameters (once per zombie: idempotency key)."""
+        depth = rerun_depth(run.tags)
+        if not self.settings.runner_rerun_zombies or run.auto_scheduled or run.deployment_id is None:
+            return None
+        if depth >= self.settings.runner_max_reruns:
+            log.error("flow run %s (%s) is already re-run %d times in a row (FD_RUNNER_MAX_RERUNS): not again",
+                      run.name, run.id, depth)
+            return None
+        try:
+            return client.create_flow_run_from_deployment(
+                run.deployment_id, parameters=run.parameters, idempotency_key=f"fd-recovery-rerun:{run.id}",
+                tags=[RERUN_TAG, f"{RERUN_OF_TAG}{run.id}", f"{RERUN_DEPTH_TAG}{depth + 1}"])
+        except Exception:
+            log.exception("could not re-run flow run %s (%s): start it again from the UI", run.name, run.id)
+            return None
+
+
+class Reaped(BaseModel):
+    """A run ended because its runner was gone, and its re-run (if any)."""
+
+    flow_run_id: UUID
+    name: str
+    was: str
+    now: str
+    rerun_id: UUID | None = None
+
+
+def rerun_depth(tags: Iterable[str]) -> int:
+    """How many re-runs in a row led to a run (0: an original run), from its ``fd-rerun-depth:<n>`` tag."""
+    for tag in tags:
+        if tag.startswith(RERUN_DEPTH_TAG) and tag.removeprefix(RERUN_DEPTH_TAG).isdigit():
+            return int(tag.removeprefix(RERUN_DEPTH_TAG))
+    return 0
 
 
 def _crash_if_unfinished(flow_run_id: UUID, *, message: str) -> None:

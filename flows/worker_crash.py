@@ -156,20 +156,27 @@ def _recover(result: CrashRecovery, plan: CrashPlan, ctx: WorkerRecovery) -> Cra
     out = CrashedWorker(pod=t.pod, consumer=t.consumer, cause=t.cause, root_cause=plan.root_cause,
                         entries=len(plan.entries), poison=plan.moves.poison)
     result.targets.append(out)
-    moved = result.perform(
-        "recover-entries", t.pod, dry_run=dry, count=lambda r: r.moved, detail=lambda r: r.summary(),
-        call=lambda: recover_worker_entries(settings=s, pod=t.pod, consumer=t.consumer, entries=plan.entries,
-                                            poison=plan.poison, reason=f"poison: crashed {t.pod} ({t.cause})",
-                                            max_deliveries=ctx.max_deliveries, dry_run=dry))
-    if moved is None:
-        return None
-    out.requeued, out.dead_lettered, out.poison = moved.requeued, moved.dead_lettered, moved.poison
-    if not dry:
-        emit_recovery_event(action="entries-recovered", resource_id=f"pod.{t.pod}", payload={
-            "consumer": t.consumer, "requeued": moved.requeued, "dead_lettered": moved.dead_lettered})
-        for entry_id in moved.poison:
-            emit_recovery_event(action="poison-dead-lettered", resource_id=f"entry.{entry_id}",
-                                payload={"pod": t.pod, "cause": plan.root_cause})
+    if plan.entries:
+        moved = result.perform(
+            "recover-entries", t.pod, dry_run=dry, count=lambda r: r.moved, detail=lambda r: r.summary(),
+            call=lambda: recover_worker_entries(settings=s, pod=t.pod, consumer=t.consumer, entries=plan.entries,
+                                                poison=plan.poison, reason=f"poison: crashed {t.pod} ({t.cause})",
+                                                max_deliveries=ctx.max_deliveries, dry_run=dry))
+        if moved is None:
+            return None
+        out.requeued, out.dead_lettered, out.poison = moved.requeued, moved.dead_lettered, moved.poison
+        if not dry:
+            emit_recovery_event(action="entries-recovered", resource_id=f"pod.{t.pod}", payload={
+                "consumer": t.consumer, "requeued": moved.requeued, "dead_lettered": moved.dead_lettered})
+            for entry_id in moved.poison:
+                emit_recovery_event(action="poison-dead-lettered", resource_id=f"entry.{entry_id}",
+                                    payload={"pod": t.pod, "cause": plan.root_cause})
+    else:  # nothing pending (e.g. a re-run after a run that took them died): nothing to take, the rest goes on
+        result.act("recover-entries", t.pod, ActionStatus.UNCHANGED, detail=f"{t.consumer} holds no pending entries")
+    # its runs are settled as soon as their steps are placed, before the (possibly long) wait for a replacement
+    settled = settle_runs(result, pod=t.pod, run_ids=plan.run_ids, ctx=ctx) if plan.run_ids else None
+    if settled is not None:
+        out.runs_failed, out.runs_retried = settled.failed, settled.retried
     if plan.replace_refused:
         result.act("delete-pod", t.pod, ActionStatus.REFUSED, detail=plan.replace_refused)
     rep = None
@@ -178,9 +185,6 @@ def _recover(result: CrashRecovery, plan: CrashPlan, ctx: WorkerRecovery) -> Cra
         out.pod_deleted, out.replacement = deleted and not dry, rep.new_pod if rep else None
     if not dry and (not t.pod_exists or (rep is not None and rep.old_pod_gone)):  # a living pod re-creates it
         out.consumer_deleted = remove_consumer(result, consumer=t.consumer, ctx=ctx)
-    settled = settle_runs(result, pod=t.pod, run_ids=plan.run_ids, ctx=ctx) if plan.run_ids else None
-    if settled is not None:
-        out.runs_failed, out.runs_retried = settled.failed, settled.retried
     return out
 
 

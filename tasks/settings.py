@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     )
     kube_timeout_s: float = Field(10.0, gt=0, description="Timeout of every Kubernetes API call, in seconds.")
     retry_delays_s: list[float] = Field(
-        default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0],
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0, 16.0],
         description="Back-off between retries of any task that failed for a temporary reason (Kubernetes 429/5xx, "
         "connection loss, database busy), one retry per entry, with 20% jitter. Read when tasks.errors is imported.",
     )

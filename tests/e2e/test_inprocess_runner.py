@@ -401,7 +401,12 @@ def test_stop_lets_running_flows_finish_and_a_second_stop_reports_them_crashed(c
             r2.stop()  # second stop: do not wait for it
             thread.join(10)
             assert not thread.is_alive()
-            assert _read(stuck).state.is_crashed()
+            crashed = _read(stuck).state
+            assert crashed.is_crashed() and "was stopped before the flow run finished" in crashed.message
+            [rerun] = _reruns_of(client, stuck)  # left for another runner
+            assert rerun.state.is_scheduled() and "fd-rerun-depth:1" in rerun.tags
+            assert RunClaims.from_settings(claim_settings).holder(stuck) is None
+            client.set_flow_run_state(rerun.id, _cancelled(), force=True)
     finally:
         GATE.set()
         wait_for(lambda: not r.running() and not (r2 and r2.running()), timeout=20, what="the flows to end")
@@ -419,3 +424,123 @@ def _cancelled():
     from prefect.states import Cancelled
 
     return Cancelled(message="test cleanup")
+
+
+# --------------------------------------------------------------------------------------- zombie runs
+
+DEAD = "dead-host:1:deadbeef"
+
+
+def _zombie(client, deployment_id, *, holder: str | None = DEAD, tags=(), parameters=None, message=None):
+    """A run as a runner that died leaves it: claimed (Pending with the runner's claim message), Running (holding
+    the deployment's concurrency slot), its claim gone (the lease lapsed)."""
+    from prefect.states import Pending, Running
+
+    run = client.create_flow_run_from_deployment(deployment_id, parameters=parameters or {"word": "zz"},
+                                                 tags=list(tags))
+    client.set_flow_run_state(run.id, Pending(message=message or f"claimed by fd-recovery serve {holder}"))
+    assert client.set_flow_run_state(run.id, Running()).state.is_running()
+    return client.read_flow_run(run.id)
+
+
+def _slots(client, deployment_id) -> int:
+    return client.read_deployment(deployment_id).global_concurrency_limit.active_slots
+
+
+def _reruns_of(client, run_id):
+    from prefect.client.schemas.filters import FlowRunFilterTags
+
+    return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"fd-rerun-of:{run_id}"])))
+
+
+def test_a_zombie_run_is_crashed_once_its_slot_released_and_rerun_with_its_parameters(claim_settings):
+    """Two live runners scan: the dead runner's Running run is Crashed by exactly one of them, the deployment's
+    concurrency slot (limit 1) is free at once, and one new run of the deployment carries the same parameters."""
+    suffix = uuid.uuid4().hex[:6]
+    served = [(echo.to_deployment(name=f"zombie-{suffix}", concurrency_limit=1), echo)]
+    first, second = (InProcessRunner(served, limit=1, settings=claim_settings) for _ in range(2))
+    [deployment_id] = first.register()
+    second.register()
+    with get_client(sync_client=True) as client:
+        zombie = _zombie(client, deployment_id, parameters={"word": "again", "times": 1})
+        assert zombie.state.state_details.deployment_concurrency_lease_id is not None
+        assert _slots(client, deployment_id) == 1  # the dead run holds the only slot
+        assert [r.id for r in first.find_zombies(client)] == [zombie.id]
+        reaped = first.reap_zombies(client) + second.reap_zombies(client)
+        assert [(r.flow_run_id, r.was, r.now) for r in reaped] == [(zombie.id, "Running", "Crashed")]
+        assert _slots(client, deployment_id) == 0  # released by the Crashed transition, not 300 s later
+        crashed = client.read_flow_run(zombie.id).state
+        assert crashed.is_crashed() and DEAD in crashed.message and "stopped renewing its claim" in crashed.message
+        [rerun] = _reruns_of(client, zombie.id)
+        assert rerun.id == reaped[0].rerun_id and rerun.state.is_scheduled()
+        assert rerun.parameters == {"word": "again", "times": 1} and "fd-rerun-depth:1" in rerun.tags
+        assert first.reap_zombies(client) == [] and second.reap_zombies(client) == []  # nothing twice
+        assert first.poll_once(client) == [rerun.id]
+    wait_for(lambda: _read(rerun.id).state.is_completed(), timeout=30, what="the re-run to complete")
+    assert Counter(EXECUTED)[str(rerun.id)] == 1 and RESULTS[str(rerun.id)] == "again"
+    assert RunClaims.from_settings(claim_settings).holder(zombie.id) is None  # the reaper's claim released
+
+
+def test_runs_with_a_live_claim_or_another_runner_are_not_zombies(claim_settings):
+    suffix = uuid.uuid4().hex[:6]
+    reaper = InProcessRunner([(echo.to_deployment(name=f"alive-{suffix}"), echo)], limit=1, settings=claim_settings)
+    [deployment_id] = reaper.register()
+    alive = RunClaims.from_settings(claim_settings, owner="alive-host:2:cafe")
+    with get_client(sync_client=True) as client:
+        held = _zombie(client, deployment_id, holder=alive.owner)
+        assert alive.acquire(held.id)  # its runner renews its claim: alive
+        foreign = _zombie(client, deployment_id, message="a Prefect worker's Pending")  # not a serve claim
+        assert reaper.find_zombies(client) == [] and reaper.reap_zombies(client) == []
+        assert _read(held.id).state.is_running() and _read(foreign.id).state.is_running()
+        alive.release(held.id)  # its runner died: the lease lapsed
+        assert [r.flow_run_id for r in reaper.reap_zombies(client)] == [held.id]
+        assert _read(foreign.id).state.is_running()
+        for run_id in (held.id, foreign.id, *(r.id for r in _reruns_of(client, held.id))):
+            client.set_flow_run_state(run_id, _cancelled(), force=True)
+
+
+def test_a_zombie_rerun_too_often_is_only_crashed_and_a_cancelling_one_is_cancelled(claim_settings):
+    suffix = uuid.uuid4().hex[:6]
+    reaper = InProcessRunner([(echo.to_deployment(name=f"loop-{suffix}"), echo)], limit=1, settings=claim_settings)
+    [deployment_id] = reaper.register()
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        looping = _zombie(client, deployment_id, tags=["fd-rerun", "fd-rerun-depth:2"])  # FD_RUNNER_MAX_RERUNS = 2
+        cancelling = _zombie(client, deployment_id)
+        client.set_flow_run_state(cancelling.id, Cancelling())
+        reaped = {r.flow_run_id: r for r in reaper.reap_zombies(client)}
+        assert set(reaped) == {looping.id, cancelling.id}
+        assert reaped[looping.id].now == "Crashed" and reaped[looping.id].rerun_id is None
+        assert reaped[cancelling.id].now == "Cancelled" and reaped[cancelling.id].rerun_id is None
+        assert _read(cancelling.id).state.is_cancelled()
+        assert _reruns_of(client, looping.id) == [] and _reruns_of(client, cancelling.id) == []
+
+
+def test_a_runner_cut_off_from_redis_for_a_lease_has_its_run_crashed_and_rerun(claim_settings):
+    """Alive but unable to renew its claim for a whole lease (Redis unreachable from it, process frozen): another
+    runner Crashes and re-runs the run. Prefect still accepts the first runner's late Completed (Crashed is not
+    final to its rules), so this case relies on the flows' guard: a runner cut off from Redis cannot take the
+    cooldown any destructive action needs, and a rerun that acted first holds it."""
+    suffix = uuid.uuid4().hex[:6]
+    claims = RunClaims.from_settings(claim_settings, lease_s=3)
+    cut_off = InProcessRunner([(gated.to_deployment(name=f"cutoff-{suffix}"), gated)], limit=1, claims=claims)
+    [deployment_id] = cut_off.register()
+    reaper = InProcessRunner(cut_off._served, limit=1, settings=claim_settings)
+    reaper.register()
+    _close_gate()
+    try:
+        with get_client(sync_client=True) as client:
+            run_id = client.create_flow_run_from_deployment(deployment_id).id
+            assert cut_off.poll_once(client) == [run_id]
+            assert ENTERED.acquire(timeout=20), "the gated flow did not start"
+            assert reaper.reap_zombies(client) == []  # its claim is renewed: alive
+            cut_off._keeper_stop.set()  # its renewals stop (as when Redis is unreachable from it)
+            wait_for(lambda: claims.holder(run_id) is None, timeout=10, what="the lease to lapse")
+            [reaped] = reaper.reap_zombies(client)
+            assert reaped.flow_run_id == run_id and reaped.rerun_id is not None
+            client.set_flow_run_state(reaped.rerun_id, _cancelled(), force=True)
+    finally:
+        GATE.set()
+    wait_for(lambda: not cut_off.running(), timeout=20, what="the cut-off flow to end")
+    assert _history(run_id)[-3:] == ["RUNNING", "CRASHED", "COMPLETED"]

@@ -79,7 +79,8 @@ def test_crash_recovers_at_once_dead_letters_poison_settles_runs_and_replaces_th
     assert state.is_completed() and result.outcome is Outcome.RECOVERED
     assert {(c.name, c.ok) for c in result.checks if c.target == a} == {
         (CONSUMER_EMPTY, True), (REPLACEMENT_READY, True), (REPLACEMENT_READING, True)}
-    assert kinds(result)[:2] == [("recover-entries", a, ActionStatus.DONE), ("delete-pod", a, ActionStatus.DONE)]
+    assert kinds(result)[:3] == [("recover-entries", a, ActionStatus.DONE), ("settle-runs", a, ActionStatus.DONE),
+                                 ("delete-pod", a, ActionStatus.DONE)]  # runs settled before the replacement wait
     # the crashed consumer's pending list was read once to decide; recover_consumers' own pass moved the rest
     assert [c.kwargs.get("consumer") for c in scans.call_args_list].count(s.consumer_for_pod(a)) == 2
     poison = crashed[2]
@@ -135,7 +136,8 @@ def test_node_accepting_no_pods_leaves_the_recovery_not_verified_and_failed(env,
     assert result.outcome is Outcome.NOT_VERIFIED
     assert [(c.name, c.target) for c in result.failed_checks] == [(REPLACEMENT_READY, a)]
     assert [c.name for c in result.checks if c.ok] == [CONSUMER_EMPTY]  # the entries themselves were recovered
-    assert kinds(result)[:2] == [("recover-entries", a, ActionStatus.DONE), ("delete-pod", a, ActionStatus.DONE)]
+    assert kinds(result)[:3] == [("recover-entries", a, ActionStatus.DONE), ("settle-runs", a, ActionStatus.DONE),
+                                 ("delete-pod", a, ActionStatus.DONE)]  # runs settled before the replacement wait
     assert result.targets[0].replacement is None
     pending = [p for p in cluster.pods(selector="app=worker") if p["status"].get("phase") == "Pending"]
     assert pending and all(c["reason"] == "Unschedulable" for p in pending for c in p["status"]["conditions"]
@@ -158,8 +160,9 @@ def test_kubernetes_503_on_the_delete_still_reports_what_it_saw_and_did_and_fail
     assert state.is_failed()
     result = result_of(state)
     assert result.outcome is Outcome.FAILED and delete.call_count >= 2  # the temporary 503 was retried
-    assert kinds(result)[:2] == [("recover-entries", a, ActionStatus.DONE), ("delete-pod", a, ActionStatus.FAILED)]
-    assert "HTTP 503" in result.actions[1].detail
+    assert kinds(result)[:3] == [("recover-entries", a, ActionStatus.DONE), ("settle-runs", a, ActionStatus.DONE),
+                                 ("delete-pod", a, ActionStatus.FAILED)]
+    assert "HTTP 503" in result.actions[2].detail
     assert a in worker_pods(cluster, s, ready_only=False) and deletions(cluster) == []
     assert not any(":delete-pod:" in k for k in cooldowns(redis, s))  # a failed delete gives its cooldown back
     # what it did before the failure stands, and the report says so
@@ -191,8 +194,9 @@ def test_dry_run_changes_nothing_anywhere(env, cluster, redis):
     runs_before = run_status(s, [f["run_id"] for f in crashed])
     result = worker_crash_recovery(pod=a, dry_run=True)
     assert result.outcome is Outcome.DRY_RUN and result.checks == []
-    assert kinds(result)[:2] == [("recover-entries", a, ActionStatus.DRY_RUN), ("delete-pod", a, ActionStatus.DRY_RUN)]
-    assert result.actions[0].count == 5 and "would delete" in result.actions[1].detail
+    assert kinds(result)[:3] == [("recover-entries", a, ActionStatus.DRY_RUN), ("settle-runs", a, ActionStatus.DRY_RUN),
+                                 ("delete-pod", a, ActionStatus.DRY_RUN)]
+    assert result.actions[0].count == 5 and "would delete" in result.actions[2].detail
     (out,) = result.targets
     assert (out.requeued, out.dead_lettered, out.poison) == (4, 1, [crashed[2]["entry_id"]])
     assert queue_state(redis, s) == before
