@@ -722,7 +722,8 @@ def start_health_server(
     runner: InProcessRunner, *, host: str | None = None, port: int | None = None, threshold_s: float | None = None
 ) -> ThreadingHTTPServer:
     """``GET /health`` like Prefect's runner webserver (same PREFECT_RUNNER_SERVER_* settings, so the Kubernetes
-    probes work either way): 503 once no poll succeeded for missed_polls_tolerance x PREFECT_RUNNER_POLL_FREQUENCY."""
+    probes work either way): 503 once no poll succeeded for missed_polls_tolerance x PREFECT_RUNNER_POLL_FREQUENCY.
+    ``GET /metrics``: our own Prometheus metrics."""
     settings = get_current_settings().runner
     threshold = threshold_s or settings.server.missed_polls_tolerance * settings.poll_frequency
     host = host or settings.server.host
@@ -731,7 +732,18 @@ def start_health_server(
 
     class Health(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path.split("?")[0] != "/health":
+            path = self.path.split("?")[0]
+            if path == "/metrics":  # our own metrics (tasks/metrics.py): runs in this process + state read on scrape
+                from tasks.metrics import exposition
+
+                body, content_type = exposition(self.headers.get("Accept"))
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            if path != "/health":
                 self.send_error(404)
                 return
             healthy = time.monotonic() - (runner.last_polled or started) <= threshold

@@ -7,6 +7,7 @@ limit, so small installations need no work pool while larger ones run ``prefect 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,17 @@ def build_runner_deployments(path: Path = PREFECT_YAML, *, names: list[str] | No
     return [deployment for deployment, _ in build_served_flows(path, names=names)]
 
 
+def _apply_notifications() -> None:
+    """Create or update the notification automations the FD_NOTIFY_* settings ask for; never stops serving."""
+    from deployments.notifications import apply_notifications
+    from tasks.settings import get_settings
+
+    try:
+        apply_notifications(get_settings())
+    except Exception as e:  # noqa: BLE001 - notification setup must not stop the recoveries
+        logging.getLogger(__name__).warning("notifications not applied: %s", e)
+
+
 def serve_all(
     *,
     names: list[str] | None = None,
@@ -95,6 +107,7 @@ def serve_all(
     polled every ``IN_PROCESS_POLL_SECONDS``: an alert's run starts in well under a second); ``subprocess``
     uses Prefect's Runner instead (a fresh process per run: isolation, 2-4 s start; polls every second or
     ``PREFECT_RUNNER_POLL_FREQUENCY``)."""
+    _apply_notifications()
     if not subprocess:
         from deployments.inprocess_runner import serve_in_process
 

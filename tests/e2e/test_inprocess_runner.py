@@ -364,6 +364,8 @@ def test_health_fails_once_polling_stops(claim_settings):
         idle.last_polled = time.monotonic()
         assert httpx.get(url).status_code == 200
         assert httpx.get(url.replace("/health", "/other")).status_code == 404
+        metrics = httpx.get(url.replace("/health", "/metrics"))  # our own metrics, on the probes' port
+        assert metrics.status_code == 200 and "ferrumdeck_recovery_" in metrics.text
     finally:
         server.shutdown()
 
