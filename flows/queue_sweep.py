@@ -3,13 +3,20 @@
 observe the consumer group -> decide per pending entry (requeue / claim, dead-letter, acknowledge an orphan, or
 leave a live worker's entry alone; ``tasks.queue.decide``) -> act in atomic batches through the guarded sweep
 task (each call re-checks the kill switch, so engaging it mid-sweep stops the remaining batches), then remove
-idle consumers that own nothing -> verify (a sample of the moved entries re-read in one round trip: gone from
-their old owner, their copies present; dead consumers empty; deleted consumers gone) -> report `queue-sweep`.
+idle consumers that own nothing, and apply the DLQ retention (``FD_DLQ_MAX_AGE_DAYS`` / ``FD_DLQ_MAX_LENGTH``, at
+most ``FD_DLQ_TRIM_PER_RUN`` entries a run) -> verify (a sample of the moved entries re-read in one round trip:
+gone from their old owner, their copies present; dead consumers empty; deleted consumers gone; trimmed entries
+gone from the DLQ and its index) -> report `queue-sweep`.
+
+Idle is quiet: a sweep with nothing to do reads the group in one round trip, the entries idle enough to take in
+one more (filtered inside Redis), keeps the queue indexes current in one more, emits no event, and updates ONE
+report in place (key `queue-sweep-idle`) instead of adding a new one every minute; the `queue-sweep` report
+keeps the last run that did something.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from prefect import flow
 from pydantic import Field, ValidationError
@@ -17,9 +24,11 @@ from pydantic import Field, ValidationError
 from flows._ui import describe_parameters
 from tasks.errors import RecoveryError, Refused
 from tasks.events import emit_recovery_event
-from tasks.outcome import ActionStatus, RecoveryResult, Table
+from tasks.outcome import ActionStatus, Outcome, RecoveryResult, Table
 from tasks.queue import (
     ConsumerCleanup,
+    DlqRetention,
+    IndexRefresh,
     QueueError,
     QueueSnapshot,
     SweepPolicy,
@@ -30,14 +39,22 @@ from tasks.queue import (
     move_counts,
     outcome_rows,
     pick_samples,
+    refresh_indexes_task,
+    retention_due,
     sweep_moves,
     sweep_pages_task,
+    trim_dlq_task,
     verify_moves_task,
+    verify_trim_task,
 )
-from tasks.report import conclude, recording
+from tasks.report import artifact_key, conclude, recording, render
 from tasks.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from prefect.states import State
+
 FLOW_NAME = "queue-sweep"
+IDLE_KEY = "queue-sweep-idle"  # the one report an idle sweep updates in place
 PAGES_PER_TASK = 10  # one guarded task call handles up to 10 pages; the kill switch is re-checked per call
 MOVE_CHECKS = {
     "requeued": "requeued entries left their old owner; their copies are in the stream",
@@ -54,6 +71,13 @@ class QueueSweep(RecoveryResult):
     after: QueueSnapshot | None = None
     sweep: SweepResult | None = None
     cleanup: ConsumerCleanup | None = None
+    retention: DlqRetention | None = None
+    indexes: IndexRefresh | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing was done or needed: no action of any kind, nothing failed."""
+        return not self.actions and self.outcome is Outcome.NOTHING_TO_DO
 
 
 def build_policy(
@@ -76,10 +100,12 @@ def policy_text(policy: SweepPolicy, max_entries: int) -> str:
 
 
 def sweep_in_batches(
-    result: QueueSweep, *, settings: Settings, policy: SweepPolicy, batch_size: int, max_entries: int, dry_run: bool
+    result: QueueSweep, *, settings: Settings, policy: SweepPolicy, batch_size: int, max_entries: int, dry_run: bool,
+    pending: int,
 ) -> SweepResult:
     """Sweep the pending list, PAGES_PER_TASK pages per guarded task call; record one action per kind of move
-    (with its count), and a refusal or error that stopped the remaining batches (what moved stays done)."""
+    (with its count), and a refusal or error that stopped the remaining batches (what moved stays done). The
+    sweep reads only entries it may take; the rest of the ``pending`` entries are counted as left."""
     total = SweepResult(dry_run=dry_run, next_start="-")
     stop: RecoveryError | None = None
     while total.next_start is not None and stop is None:
@@ -90,6 +116,8 @@ def sweep_in_batches(
                                          max_pages=PAGES_PER_TASK, dry_run=dry_run))
         except RecoveryError as e:
             stop = e
+    if total.next_start is None and not total.cap_reached and pending > total.scanned:
+        total.decided["leave"] = total.decided.get("leave", 0) + pending - total.scanned
     target = f"{settings.stream}/{settings.group}"
     for kind, count in move_counts(total).items():
         where = settings.dlq_stream if kind == "dead-letter" else target
@@ -98,7 +126,8 @@ def sweep_in_batches(
         status = ActionStatus.REFUSED if isinstance(stop, Refused) else ActionStatus.FAILED
         result.act("sweep-pending", f"{target} from {total.next_start}", status, detail=str(stop))
     skipped = {k: n for k, n in total.done.items() if k.startswith("skipped")}
-    result.note("decided", Table(caption=f"Counts ({total.scanned} pending entries scanned)", rows=outcome_rows(total)))
+    result.note("decided", Table(caption=f"Counts ({pending} pending; {total.scanned} idle enough or a dead "
+                                         "consumer's read)", rows=outcome_rows(total)))
     if skipped:
         result.note("decided", f"Skipped because a worker or another sweep got there first: {sum(skipped.values())}.")
     if total.cap_reached:
@@ -126,12 +155,59 @@ def verify_sweep(result: QueueSweep, *, settings: Settings, policy: SweepPolicy)
             for name in sorted(policy.dead_consumers):
                 left = after.pending_of(name)
                 result.check("dead consumer owns nothing", left == 0, f"{name}: {left} pending", target=name)
+    if result.retention is not None and result.retention.changed:
+        c = verify_trim_task(settings=settings, retention=result.retention)
+        result.check("trimmed DLQ entries are gone, from the DLQ and its index", c.ok,
+                     f"{c.held}/{c.checked} re-read" + ("; " + "; ".join(c.failures) if c.failures else ""),
+                     target="dlq-retention")
     if result.cleanup is not None:
         deleted = result.cleanup.deleted
         still = sorted(set(deleted) & {c.name for c in after.consumers})
         result.check("deleted consumers are gone", not still,
                      f"deleted: {', '.join(deleted) or 'none'}" + (f"; still there: {', '.join(still)}" if still else ""),
                      target="consumers")
+
+
+def apply_retention(result: QueueSweep, *, settings: Settings, before: QueueSnapshot, dry_run: bool) -> None:
+    """Trim the DLQ entries over the retention limit (guarded, bounded per run) when the snapshot shows one."""
+    max_age_ms = round(settings.dlq_max_age_days * 86_400_000)
+    if not retention_due(before, max_age_ms=max_age_ms, max_length=settings.dlq_max_length):
+        return
+    result.note("decided", f"DLQ retention: keep {settings.dlq_max_age_days:g} days"
+                + (f" and at most {settings.dlq_max_length} entries" if settings.dlq_max_length else "")
+                + f"; trim at most {settings.dlq_trim_per_run} entries per run.")
+    result.retention = result.perform(
+        "trim-dlq", settings.dlq_stream, dry_run=dry_run,
+        call=lambda: trim_dlq_task(settings=settings, max_age_ms=max_age_ms, max_length=settings.dlq_max_length,
+                                   max_entries=settings.dlq_trim_per_run, dry_run=dry_run),
+        count=lambda r: r.trimmed, detail=lambda r: r.summary())
+
+
+def keep_indexes(result: QueueSweep, *, settings: Settings, dry_run: bool) -> None:
+    """Keep the queue indexes current (the recovery's own keys; bounded), unless previewing or refused."""
+    if not dry_run and not any(a.status is ActionStatus.REFUSED for a in result.actions):
+        result.indexes = refresh_indexes_task(settings=settings)
+
+
+def finish(result: QueueSweep) -> QueueSweep | State:
+    """Publish the report: an idle run updates the one idle report in place; any other run concludes as usual."""
+    if not result.idle:
+        return conclude(result)
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactUpdate
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    key, markdown = artifact_key(IDLE_KEY), render(result)
+    description = f"{result.title}: {result.outcome.value} (the last idle sweep)"
+    with get_client(sync_client=True) as client:
+        latest = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key])), limit=1)
+        if latest:
+            client.update_artifact(latest[0].latest_id, ArtifactUpdate(data=markdown, description=description))
+        else:
+            create_markdown_artifact(key=key, markdown=markdown, description=description)
+    return result
 
 
 @flow(name=FLOW_NAME, flow_run_name="queue-sweep {strategy} idle>={min_idle_ms}ms dry_run={dry_run}",
@@ -165,7 +241,7 @@ def queue_sweep(
         result.note("decided", policy_text(policy, max_entries))
         if before.pending:
             result.sweep = sweep_in_batches(result, settings=settings, policy=policy, batch_size=batch_size,
-                                            max_entries=max_entries, dry_run=dry_run)
+                                            max_entries=max_entries, dry_run=dry_run, pending=before.pending)
         swept = result.sweep is None or (result.sweep.next_start is None and not result.sweep.cap_reached)
         idle = [] if delete_idle_consumers_ms is None else consumers_to_delete(
             before, min_idle_ms=delete_idle_consumers_ms, policy=policy, swept=swept and not dry_run)
@@ -176,14 +252,19 @@ def queue_sweep(
                                                          min_idle_ms=delete_idle_consumers_ms, dry_run=dry_run),
                 count=lambda c: len(c.would_delete if dry_run else c.deleted),
                 detail=lambda c: "; ".join(f"{n}: {why}" for n, why in sorted(c.kept.items())))
+        apply_retention(result, settings=settings, before=before, dry_run=dry_run)
+        keep_indexes(result, settings=settings, dry_run=dry_run)
         moved = result.sweep.moved if result.sweep else 0
-        if dry_run or not (moved or result.cleanup):
-            return conclude(result)
+        if dry_run or not (moved or result.cleanup or (result.retention and result.retention.changed)):
+            return finish(result)
         if moved:
             emit_recovery_event(action="queue-sweep", resource_id=f"queue.{settings.stream}",
                                 payload={"done": result.sweep.done, "scanned": result.sweep.scanned})
+        if result.retention and result.retention.changed:
+            emit_recovery_event(action="dlq-trimmed", resource_id=f"queue.{settings.dlq_stream}",
+                                payload={"trimmed": result.retention.trimmed, "last_id": result.retention.last_id})
         # verify
         result.after = after = inspect_queue_task(settings=settings)
         result.note("observed", Table(caption="After", rows=after.summary_rows()))
         verify_sweep(result, settings=settings, policy=policy)
-    return conclude(result)
+    return finish(result)

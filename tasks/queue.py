@@ -10,6 +10,14 @@ Safety: an entry leaves the pending list only inside one Lua script that re-adds
 the DLQ in the same atomic step (``tasks.queue_scripts``); each script re-checks that the entry is still
 pending and still idle enough / still owned by the same dead consumer, so a concurrent sweep or a late ACK
 is harmless. Work is done in pages (``batch_size`` entries per round trip); memory is bounded by one page.
+
+Costs do not grow with history: a step is found pending, queued or in the DLQ through indexes (``IndexKeys``,
+the recovery's own keys: the DLQ index is written in the same Lua step as the DLQ entry and removed with it;
+the stream index holds every pending or undelivered entry by step id; both take in only what was added after
+their cursor, each entry once), so ``locate_steps`` costs O(steps asked), not O(pending + backlog + DLQ);
+``inspect_queue`` is one round trip, and when Redis cannot say the lag it is counted inside Redis once and then
+kept up to date from what was delivered since (``COUNT_LAG``); a sweep reads only the entries idle enough to
+take (XPENDING IDLE) and the dead consumers' own lists; ``trim_dlq`` applies the DLQ retention in bounded steps.
 """
 
 from __future__ import annotations
@@ -42,8 +50,14 @@ MOVE_KINDS = {"requeued": "requeue", "dead_lettered": "dead-letter", "orphan_ack
 DECISION_KINDS = {"requeue": "requeue", "dead_letter": "dead-letter", "orphan": "ack-orphan", "claim": "claim"}
 
 
-#: when Redis reports the group's lag as unknown, it is counted, up to this many entries
-LAG_COUNT_CAP = 100_000
+#: when Redis reports the group's lag as unknown, it is counted inside Redis, this many entries per call
+LAG_COUNT_BUDGET = 20_000
+LAG_COUNT_MAX_CALLS = 1_000
+#: the stream index groups entries by entry time in buckets this wide (ms); a bucket is dropped once every entry
+#: in it was delivered and none is pending
+TAIL_BUCKET_MS = 600_000
+#: entries the indexes take in per call when they are behind (one Lua call: ~10-20 ms of Redis time)
+INDEX_BUDGET = 2_000
 
 class QueueError(RecoveryError):
     """A queue recovery cannot proceed (missing stream or group, bad policy, Redis refused); ``temporary`` when
@@ -81,6 +95,9 @@ class QueueSnapshot(BaseModel):
     oldest_pending_id: str | None = None
     consumers: list[ConsumerInfo] = Field(default_factory=list)
     dlq_length: int = 0
+    dlq_oldest_id: str | None = None
+    lag_counted: bool = False  # Redis reported the lag unknown: it was counted (``COUNT_LAG``)
+    server_ms: int | None = None  # Redis' clock when the snapshot was taken
     taken_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     def consumer(self, name: str) -> ConsumerInfo | None:
@@ -280,6 +297,83 @@ class MoveCheck(BaseModel):
         return self.checked > 0 and self.held == self.checked
 
 
+class IndexKeys(NamedTuple):
+    """The recovery's own keys (under ``FD_STATE_PREFIX``) that index the DLQ and the stream (``tail_*``: every
+    pending or undelivered entry), and the ledger of a lag Redis cannot report."""
+
+    dlq_index: str
+    dlq_cursor: str
+    tail_meta: str
+    tail_buckets: str
+    tail_bucket_prefix: str
+    lag_ledger: str
+
+
+def index_keys(settings: Settings) -> IndexKeys:
+    """The index keys of these settings' stream, group and DLQ."""
+    tail = f"{settings.state_prefix}:index:{settings.stream}:{settings.group}"
+    return IndexKeys(
+        dlq_index=f"{settings.state_prefix}:index:{settings.dlq_stream}",
+        dlq_cursor=f"{settings.state_prefix}:index:{settings.dlq_stream}:cursor",
+        tail_meta=f"{tail}:meta",
+        tail_buckets=f"{tail}:buckets",
+        tail_bucket_prefix=f"{tail}:b:",
+        lag_ledger=f"{settings.state_prefix}:lag:{settings.stream}:{settings.group}",
+    )
+
+
+class IndexRefresh(BaseModel):
+    """What one refresh of the indexes took in: stream (``tail``) and DLQ entries indexed, stream buckets dropped."""
+
+    tail: int = 0
+    dlq: int = 0
+    pruned: int = 0
+    calls: int = 0
+    behind: bool = False  # still behind after the calls allowed (the next refresh or locate goes on)
+
+
+class DlqRetention(BaseModel):
+    """What one retention step trimmed from the DLQ (in a dry run: would trim), and why."""
+
+    dry_run: bool
+    max_age_ms: int
+    max_length: int
+    trimmed: int = 0
+    by_age: int = 0
+    by_length: int = 0
+    first_id: str | None = None
+    last_id: str | None = None
+    first_ms: int | None = None
+    last_ms: int | None = None
+    job_ids: list[str] = Field(default_factory=list)  # a sample of the steps trimmed ...
+    sample_ids: list[str] = Field(default_factory=list)  # ... and their DLQ entry ids
+    more: bool = False  # the per-run bound was reached with entries still over the limit
+
+    @property
+    def changed(self) -> bool:
+        return not self.dry_run and self.trimmed > 0
+
+    def summary(self) -> str:
+        """One line for the report: how many, why, which dead-letter times, a sample of steps."""
+        verb = "would trim" if self.dry_run else "trimmed"
+        if not self.trimmed:
+            return f"{verb} nothing: no entry over the limit"
+        why = ", ".join(p for p in (f"{self.by_age} older than {_days(self.max_age_ms)}" if self.by_age else "",
+                                    f"{self.by_length} beyond {self.max_length} entries" if self.by_length else "") if p)
+        when = f"dead-lettered {_when(self.first_ms)} .. {_when(self.last_ms)}"
+        more = "; more over the limit: the next sweep goes on" if self.more else ""
+        return f"{verb} {self.trimmed} ({why}); {when}; steps {', '.join(self.job_ids)}{more}"
+
+
+def _days(ms: int) -> str:
+    days = ms / 86_400_000
+    return f"{days:g} day" + ("" if days == 1 else "s")
+
+
+def _when(ms: int | None) -> str:
+    return "-" if ms is None else f"{datetime.fromtimestamp(ms / 1000, UTC):%Y-%m-%d %H:%M}"
+
+
 # --------------------------------------------------------------------------------------- pure logic
 
 
@@ -365,65 +459,92 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def retention_due(snapshot: QueueSnapshot, *, max_age_ms: int, max_length: int) -> bool:
+    """Whether the DLQ holds an entry over the retention limit: its oldest entry is older than ``max_age_ms``
+    (by Redis' clock) or it is longer than ``max_length`` (0 = no such limit). Pure; O(1) from the snapshot."""
+    if max_length and snapshot.dlq_length > max_length:
+        return True
+    if not (max_age_ms and snapshot.dlq_oldest_id and snapshot.server_ms):
+        return False
+    return _id_key(snapshot.dlq_oldest_id)[0] < snapshot.server_ms - max_age_ms
+
+
 # ------------------------------------------------------------------------------------------- inspect
 
 
 def inspect_queue(*, settings: Settings) -> QueueSnapshot:
-    """Snapshot of stream, group, consumers and DLQ in one pipelined round trip (O(consumers))."""
+    """Snapshot of stream, group, consumers and DLQ in ONE round trip (``SNAPSHOT``: O(consumers), one JSON reply);
+    when Redis reports the lag unknown, it is counted inside Redis (a number travels, never the entries): from
+    the kept count, only what was delivered since (``count_lag``)."""
     client = redis_client(settings)
-    base = {"stream": settings.stream, "group": settings.group, "dlq_stream": settings.dlq_stream}
+    script = client.register_script(queue_scripts.SNAPSHOT)
+    keys = [settings.stream, settings.dlq_stream, index_keys(settings).lag_ledger]
     try:
-        with client.pipeline(transaction=False) as pipe:
-            pipe.exists(settings.stream)
-            pipe.xlen(settings.stream)
-            pipe.xlen(settings.dlq_stream)
-            exists, length, dlq_length = pipe.execute()
-        if not exists:
-            return QueueSnapshot(**base, stream_exists=False, group_exists=False, dlq_length=dlq_length)
-        group = next((g for g in client.xinfo_groups(settings.stream) if g["name"] == settings.group), None)
-        if group is None:
-            return QueueSnapshot(
-                **base, stream_exists=True, group_exists=False, length=length, dlq_length=dlq_length
-            )
-        with client.pipeline(transaction=False) as pipe:
-            pipe.xpending(settings.stream, settings.group)
-            pipe.xinfo_consumers(settings.stream, settings.group)
-            summary, consumers = pipe.execute()
-        lag = group.get("lag")
-        if lag is None:  # Redis cannot say (entries deleted, or the group was set to an arbitrary id): count
-            lag = len(client.xrange(settings.stream, f"({group['last-delivered-id']}", "+", count=LAG_COUNT_CAP))
+        snap = json.loads(script(keys=keys, args=[settings.group, LAG_COUNT_BUDGET]))
+        if snap.get("lag_more"):
+            snap["lag"] = count_lag(settings=settings)
     except redis.RedisError as e:
         raise QueueError(f"cannot inspect `{settings.stream}`: {e}") from e
+    consumers = snap.get("consumers") or []
     return QueueSnapshot(
-        **base,
-        stream_exists=True,
-        group_exists=True,
-        length=length,
-        lag=lag,
-        last_delivered_id=group.get("last-delivered-id"),
-        entries_read=group.get("entries-read"),
-        pending=summary["pending"],
-        oldest_pending_id=summary.get("min"),
-        consumers=[ConsumerInfo(name=c["name"], pending=c["pending"], idle_ms=c["idle"]) for c in consumers],
-        dlq_length=dlq_length,
+        stream=settings.stream,
+        group=settings.group,
+        dlq_stream=settings.dlq_stream,
+        stream_exists=snap["exists"],
+        group_exists=snap["group_exists"],
+        length=snap["length"],
+        lag=snap.get("lag"),
+        lag_counted=bool(snap.get("lag_counted")),
+        last_delivered_id=snap.get("last_delivered_id"),
+        entries_read=snap.get("entries_read"),
+        pending=snap.get("pending", 0),
+        oldest_pending_id=snap.get("oldest_pending_id"),
+        consumers=[ConsumerInfo(name=n, pending=p, idle_ms=i) for n, p, i in consumers],
+        dlq_length=snap["dlq_length"],
+        dlq_oldest_id=snap.get("dlq_oldest_id"),
+        server_ms=snap["server_ms"],
     )
+
+
+def count_lag(*, settings: Settings, budget: int = LAG_COUNT_BUDGET) -> int | None:
+    """The group's lag when Redis reports it unknown, counted inside Redis (``queue_scripts.COUNT_LAG``).
+
+    The first count reads the undelivered tail inside Redis, ``budget`` entries per call; later calls start
+    from the kept count and read only what was delivered since (unless something was removed from the stream
+    meanwhile). Writes only the recovery's own ledger key. None when it could not settle (the stream keeps
+    changing under it for ``LAG_COUNT_MAX_CALLS`` calls).
+    """
+    client = redis_client(settings)
+    script = client.register_script(queue_scripts.COUNT_LAG)
+    for _ in range(LAG_COUNT_MAX_CALLS):
+        reply = script(keys=[settings.stream, index_keys(settings).lag_ledger], args=[settings.group, budget])
+        if isinstance(reply, int):
+            return reply
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- scan
 
 
 def scan_pending(
-    *, settings: Settings, start: str = "-", count: int = 1000, consumer: str | None = None
+    *,
+    settings: Settings,
+    start: str = "-",
+    count: int = 1000,
+    consumer: str | None = None,
+    min_idle_ms: int | None = None,
 ) -> list[PendingEntry]:
-    """One page of the pending list from ``start`` (``"(id"`` = after id), with attempts and job ids.
+    """One page of the pending list from ``start`` (``"(id"`` = after id), with attempts and job ids; with
+    ``min_idle_ms`` only the entries idle at least that long (filtered inside Redis: XPENDING IDLE).
 
     One read-only Lua call: XPENDING of ``count`` entries plus one range XRANGE over their ids, O(count + log N)
     (sparse ranges fall back to per-id lookups); the reply is one JSON string, cheap to parse.
     """
     client = redis_client(settings)
     script = client.register_script(queue_scripts.SCAN_PENDING)
+    idle = "" if min_idle_ms is None else str(min_idle_ms)
     try:
-        flat = _json_list(script(keys=[settings.stream], args=[settings.group, start, count, consumer or ""]))
+        flat = _json_list(script(keys=[settings.stream], args=[settings.group, start, count, consumer or "", idle]))
     except redis.RedisError as e:
         raise QueueError(
             f"cannot scan the pending list of `{settings.stream}`/`{settings.group}`: {e}"
@@ -496,7 +617,9 @@ def _apply_decisions(
     client = redis_client(settings)
     script = client.register_script(queue_scripts.ACT_PENDING)
     try:
-        flat = _json_list(script(keys=[settings.stream, settings.dlq_stream], args=[json.dumps(args)]))
+        keys = index_keys(settings)
+        flat = _json_list(script(keys=[settings.stream, settings.dlq_stream, keys.dlq_index, keys.dlq_cursor],
+                                 args=[json.dumps(args)]))
     except redis.RedisError as e:
         raise QueueError(f"cannot move pending entries of `{settings.stream}`: {e}") from e
     return [(e, d, flat[2 * i], flat[2 * i + 1]) for i, (e, d) in enumerate(acting)]
@@ -543,17 +666,21 @@ def _sweep_page(
     max_actions: int | None = None,
     dry_run: bool,
     consumer: str | None = None,
+    min_idle_ms: int | None = None,
+    skip_owners: frozenset[str] = frozenset(),
 ) -> SweepResult:
-    """Scan one page from ``start``, decide each entry (pure), act on the batch unless ``dry_run``.
+    """Scan one page from ``start`` (of ``consumer``'s list, or of entries idle >= ``min_idle_ms``), decide each
+    entry (pure; entries of ``skip_owners`` are not this page's), act on the batch unless ``dry_run``.
 
-    ``next_start`` is the cursor of the following page, or None when the pending list is exhausted or
-    ``max_actions`` was reached (``cap_reached``).
+    ``next_start`` is the cursor of the following page, or None when the list is exhausted or ``max_actions``
+    was reached (``cap_reached``).
     """
-    page = scan_pending(settings=settings, start=start, count=batch_size, consumer=consumer)
-    result = SweepResult(dry_run=dry_run, scanned=len(page), pages=1)
+    page = scan_pending(settings=settings, start=start, count=batch_size, consumer=consumer, min_idle_ms=min_idle_ms)
+    mine = [e for e in page if e.consumer not in skip_owners]
+    result = SweepResult(dry_run=dry_run, scanned=len(mine), pages=1)
     decided: list[tuple[PendingEntry, Decision]] = []
     actions = 0
-    for entry in page:
+    for entry in mine:
         decision = decide(entry, policy)
         if decision.action != "leave":
             if max_actions is not None and actions >= max_actions:
@@ -565,13 +692,19 @@ def _sweep_page(
     result.decided = dict(Counter(d.action for _, d in decided))
     if dry_run:
         result.samples = pick_samples(_sample(e, d) for e, d in decided if d.action != "leave")
-    else:
+    elif any(d.action != "leave" for _, d in decided):
         outcomes = _apply_decisions(settings=settings, decided=decided, policy=policy)
         result.done = dict(Counter(status for *_, status, _ in outcomes))
         result.samples = pick_samples(_sample(*o) for o in outcomes)
     full = len(page) == batch_size and not result.cap_reached
     result.next_start = "(" + page[-1].entry_id if page and full else None
     return result
+
+
+def _cursor(start: str) -> tuple[int, str]:
+    """A sweep cursor ``"<phase>|<start>"`` (``"-"``: the beginning) as (phase, start within the phase)."""
+    phase, sep, pos = start.partition("|")
+    return (int(phase), pos) if sep else (0, start)
 
 
 def _sweep_pending(
@@ -587,21 +720,33 @@ def _sweep_pending(
 ) -> SweepResult:
     """Sweep the pending list page by page (scan -> decide -> act); at most ``max_entries`` moves.
 
-    Stops after ``max_pages`` pages when given (``next_start`` then says where to go on). Cost O(P) Redis work
-    for P pending entries, in P / batch_size round trips; memory one page.
+    Phases: each dead consumer's own list (every entry is taken), then the entries idle >= the policy's
+    ``min_idle_ms`` (filtered inside Redis: entries held by busy live workers are never read); with
+    ``consumer``, that consumer's list only. ``next_start`` (``"<phase>|<start>"``) says where to go on after
+    ``max_pages`` pages. Cost: O(entries taken + dead consumers' entries) transferred, in pages of
+    ``batch_size``; Redis filters the rest (O(P) inside one XPENDING per page); memory one page.
     """
+    phases: list[str | None] = [consumer] if consumer else [*sorted(policy.dead_consumers), None]
     total = SweepResult(dry_run=dry_run, next_start=start)
     while total.next_start is not None and (max_pages is None or total.pages < max_pages):
+        phase, pos = _cursor(total.next_start)
+        owner = phases[phase]
         moves = sum(v for k, v in total.decided.items() if k != "leave")
         page = _sweep_page(
             settings=settings,
             policy=policy,
-            start=total.next_start,
+            start=pos,
             batch_size=batch_size,
             max_actions=None if max_entries is None else max_entries - moves,
             dry_run=dry_run,
-            consumer=consumer,
+            consumer=owner,
+            min_idle_ms=policy.min_idle_ms if owner is None else None,
+            skip_owners=policy.dead_consumers if owner is None else frozenset(),
         )
+        if page.next_start is not None:
+            page.next_start = f"{phase}|{page.next_start}"
+        elif not page.cap_reached and phase + 1 < len(phases):
+            page.next_start = f"{phase + 1}|-"
         total.merge(page)
     return total
 
@@ -708,46 +853,71 @@ def locate_steps(
 ) -> dict[str, StepLocation]:
     """Where each step's entry is now: pending (owner, idle, deliveries), queued, dlq, or nowhere.
 
-    A step matches an entry by its ``job_id`` or ``step_id`` field. Scans the pending list (paged XPENDING,
-    each page's fields read server-side in one Lua call), the undelivered tail of the stream (paged XRANGE
-    after last-delivered-id) and the DLQ (paged XRANGE): O(P + L + D) Redis work for P pending, L lag and D
-    dead-lettered entries, in (P + L + D) / batch_size round trips; memory O(len(step_ids) + batch_size).
+    A step matches an entry by its ``job_id`` or ``step_id`` field. One Lua call (``INDEX_LOOKUP``) looks the
+    steps up in the stream index (every pending or undelivered entry, by step id) and the DLQ index, after
+    taking in what was added since their cursors; each hit is re-read by id. Cost: O(steps asked x live
+    buckets), plus the entries added since the last lookup or sweep (each read once, ever) — never the pending
+    list, the backlog or the DLQ; memory O(len(step_ids)). ``batch_size`` is kept for callers (unused).
     Precedence when a step has several copies: pending > queued > dlq > nowhere.
     """
-    wanted = {s for s in step_ids if s}
+    wanted = list(dict.fromkeys(s for s in step_ids if s))
     found: dict[str, StepLocation] = {}
-    snapshot = inspect_queue(settings=settings)
-    if snapshot.group_exists and wanted:
-        for page in iter_pending(settings=settings, batch_size=batch_size):
-            for e in page:
-                for key in {e.job_id, e.step_id} & wanted:
-                    if key not in found:
-                        found[key] = StepLocation(
-                            step_id=key,
-                            where="pending",
-                            entry_id=e.entry_id,
-                            consumer=e.consumer,
-                            idle_ms=e.idle_ms,
-                            deliveries=e.total_deliveries,
-                        )
-    client = redis_client(settings)
-    if snapshot.stream_exists and wanted - found.keys():
-        after = snapshot.last_delivered_id if snapshot.group_exists else None
-        start = "(" + after if after and after != "0-0" else "-"
-        for entry_id, fields in _iter_range(client, settings.stream, start=start, count=batch_size):
-            for key in {fields.get("job_id"), fields.get("step_id")} & (wanted - found.keys()):
-                found[key] = StepLocation(step_id=key, where="queued", entry_id=entry_id)
-            if not wanted - found.keys():
-                break
-    if wanted - found.keys():
-        for entry_id, fields in _iter_range(client, settings.dlq_stream, start="-", count=batch_size):
-            for key in {fields.get("job_id"), fields.get("step_id")} & (wanted - found.keys()):
-                found[key] = StepLocation(
-                    step_id=key, where="dlq", entry_id=entry_id, deliveries=_int(fields.get("deliveries"))
-                )
-            if not wanted - found.keys():
-                break
+    for key, where in (_index_lookup(settings=settings, wanted=wanted) if wanted else {}).items():
+        if "pending" in where:
+            entry_id, consumer, idle_ms, deliveries, attempts = where["pending"]
+            found[key] = StepLocation(step_id=key, where="pending", entry_id=entry_id, consumer=consumer,
+                                      idle_ms=idle_ms, deliveries=_int(attempts) + deliveries)
+        elif "queued" in where:
+            found[key] = StepLocation(step_id=key, where="queued", entry_id=where["queued"])
+        else:
+            entry_id, deliveries = where["dlq"][0]
+            found[key] = StepLocation(step_id=key, where="dlq", entry_id=entry_id, deliveries=_int(deliveries))
     return {s: found.get(s) or StepLocation(step_id=s, where="nowhere") for s in step_ids}
+
+
+def _index_call(settings: Settings, *, wanted: list[str], budget: int, dlq_only: bool = False) -> dict[str, Any]:
+    """One ``INDEX_LOOKUP`` call: take in up to ``budget`` new entries of each index, then (when up to date)
+    look the wanted steps up."""
+    keys = index_keys(settings)
+    client = redis_client(settings)
+    script = client.register_script(queue_scripts.INDEX_LOOKUP)
+    arg = {"group": settings.group, "wanted": wanted, "budget": budget,
+           "bucket_prefix": keys.tail_bucket_prefix, "bucket_ms": TAIL_BUCKET_MS, "dlq_only": dlq_only}
+    try:
+        reply = script(keys=[settings.stream, settings.dlq_stream, keys.dlq_index, keys.dlq_cursor,
+                             keys.tail_meta, keys.tail_buckets], args=[json.dumps(arg)])
+    except redis.RedisError as e:
+        raise QueueError(f"cannot read the queue indexes of `{settings.stream}`: {e}") from e
+    return json.loads(reply)
+
+
+def _index_lookup(*, settings: Settings, wanted: list[str], dlq_only: bool = False) -> dict[str, dict[str, Any]]:
+    """Step -> ``{"queued": id}`` or ``{"dlq": [[id, deliveries], ...]}`` for the wanted steps found in the
+    indexes (brought up to date first: exact, whatever was written meanwhile and by whom); ``dlq_only``: every
+    DLQ copy, whether or not the step is also queued."""
+    for _ in range(100_000):
+        reply = _index_call(settings, wanted=wanted, budget=INDEX_BUDGET, dlq_only=dlq_only)
+        if not reply["more"]:
+            found = reply.get("found") or {}
+            return found if isinstance(found, dict) else {}
+    raise QueueError(f"the indexes of `{settings.stream}` could not catch up")
+
+
+def refresh_indexes(*, settings: Settings, max_calls: int = 50, budget: int = INDEX_BUDGET) -> IndexRefresh:
+    """Take in what was added to the DLQ and the stream since the indexes' cursors (at most ``max_calls`` x
+    ``budget`` entries of each), and drop the stream buckets nothing waits in any more. Writes only the
+    recovery's own index keys. Up to date: one Lua call, O(1)."""
+    out = IndexRefresh()
+    while out.calls < max_calls:
+        reply = _index_call(settings, wanted=[], budget=budget)
+        out.calls += 1
+        out.tail += reply["tail"]
+        out.dlq += reply["dlq"]
+        out.pruned += reply["pruned"]
+        out.behind = reply["more"]
+        if not out.behind:
+            break
+    return out
 
 
 def verify_moves(*, settings: Settings, moves: Sequence[Move], limit: int = VERIFY_LIMIT) -> list[MoveCheck]:
@@ -812,8 +982,10 @@ def replay_dlq(
 ) -> ReplayResult:
     """Move chosen DLQ entries back to the stream (attempts reset), deleting them from the DLQ atomically.
 
-    Pages through the DLQ (XRANGE, or one pipelined XRANGE per id when only ids are given), filters with the
-    pure ``matches_replay`` and replays each batch in one Lua call. O(D) for a DLQ of D entries.
+    Candidates: the given ids (one pipelined XRANGE per id), else the DLQ entries of the given job ids (from the
+    DLQ index: O(job ids), the DLQ is not read), else the whole DLQ page by page (O(D): replay-all, by reason or
+    age). Each is filtered with the pure ``matches_replay``; each batch is replayed in one Lua call that also
+    removes the entries from the DLQ index.
     """
     client = redis_client(settings)
     result = ReplayResult(dry_run=dry_run)
@@ -830,7 +1002,8 @@ def replay_dlq(
             ]
         else:
             try:
-                flat = script(keys=[settings.dlq_stream, settings.stream], args=[i for i, _ in batch])
+                flat = script(keys=[settings.dlq_stream, settings.stream, index_keys(settings).dlq_index],
+                              args=[i for i, _ in batch])
             except redis.RedisError as e:
                 raise QueueError(f"cannot replay from `{settings.dlq_stream}`: {e}") from e
             statuses = Counter(flat[1::3])
@@ -859,16 +1032,96 @@ def replay_dlq(
 def _dlq_candidates(
     client: redis.Redis, settings: Settings, flt: ReplayFilter, batch_size: int
 ) -> Iterable[tuple[str, dict[str, str]]]:
-    if flt.ids:
-        ids = sorted(flt.ids, key=_id_key)
+    ids: list[str] = sorted(flt.ids, key=_id_key)
+    if not ids and flt.job_ids:
+        found = _index_lookup(settings=settings, wanted=sorted(flt.job_ids), dlq_only=True)
+        ids = sorted({i for where in found.values() for i, _ in where.get("dlq", [])}, key=_id_key)
+        if not ids:
+            return
+    if ids:
         for i in range(0, len(ids), batch_size):
             with client.pipeline(transaction=False) as pipe:
                 for entry_id in ids[i : i + batch_size]:
                     pipe.xrange(settings.dlq_stream, min=entry_id, max=entry_id)
-                for found in pipe.execute():
-                    yield from found
+                for got in pipe.execute():
+                    yield from got
     else:
         yield from _iter_range(client, settings.dlq_stream, start="-", count=batch_size)
+
+
+# -------------------------------------------------------------------------------------- DLQ retention
+
+
+@guarded("trim-dlq", target=lambda kw: kw["settings"].dlq_stream)
+def trim_dlq(
+    *,
+    settings: Settings,
+    max_age_ms: int,
+    max_length: int = 0,
+    max_entries: int = 10_000,
+    batch_size: int = 1000,
+    dry_run: bool,
+) -> DlqRetention:
+    """Trim the DLQ entries over the retention limit — dead-lettered more than ``max_age_ms`` ago, or beyond the
+    newest ``max_length`` (0 = no such limit) — oldest first, at most ``max_entries`` per call.
+
+    Each batch is one Lua step (``TRIM_DLQ``) that re-reads the oldest entries, stops at the first one within
+    every limit (an entry younger than the limit is never dropped), removes the rest with XTRIM MINID and their
+    ids from the DLQ index in the same step. A dry run reads (up to ``max_entries``) and removes nothing.
+    Cost: O(entries trimmed), never the whole DLQ.
+    """
+    if max_age_ms < 0 or max_length < 0 or max_entries < 1:
+        raise QueueError("max_age_ms and max_length must be >= 0 and max_entries >= 1")
+    out = DlqRetention(dry_run=dry_run, max_age_ms=max_age_ms, max_length=max_length)
+    if not (max_age_ms or max_length):
+        return out
+    client = redis_client(settings)
+    script = client.register_script(queue_scripts.TRIM_DLQ)
+    keys = [settings.dlq_stream, index_keys(settings).dlq_index]
+    while out.trimmed < max_entries:
+        count = max_entries if dry_run else min(batch_size, max_entries - out.trimmed)
+        try:
+            step = json.loads(script(keys=keys, args=[max_age_ms, max_length, count, int(dry_run)]))
+        except redis.RedisError as e:
+            raise QueueError(f"cannot trim `{settings.dlq_stream}`: {e}") from e
+        if not step["trimmed"]:
+            break
+        out.trimmed += step["trimmed"]
+        out.by_age += step["by_age"]
+        out.by_length += step["by_length"]
+        out.first_id, out.first_ms = out.first_id or step["first"], out.first_ms or step["first_ms"]
+        out.last_id, out.last_ms = step["last"], step["last_ms"]
+        for job, entry_id in (step["jobs"] or [])[: 10 - len(out.job_ids)]:
+            out.job_ids.append(job)
+            out.sample_ids.append(entry_id)
+        out.more = step["more"]
+        if dry_run or not out.more:
+            break
+    return out
+
+
+def verify_trim(*, settings: Settings, retention: DlqRetention) -> MoveCheck:
+    """Re-read, in one round trip, what a retention step trimmed: no DLQ entry is left at or before the last
+    trimmed id, and the DLQ index no longer points the sampled steps at their trimmed entries. Read-only."""
+    check = MoveCheck(status="trimmed")
+    if not retention.trimmed or retention.last_id is None:
+        return check
+    keys = index_keys(settings)
+    client = redis_client(settings)
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.xrange(settings.dlq_stream, min="-", max=retention.last_id, count=1)
+            pipe.hmget(keys.dlq_index, retention.job_ids or ["-"])
+            left, indexed = pipe.execute()
+    except redis.RedisError as e:
+        raise QueueError(f"cannot re-read `{settings.dlq_stream}`: {e}") from e
+    stale = [i for i, ids in zip(retention.sample_ids, indexed, strict=False) if ids and i in ids.split()]
+    check.checked = 1 + len(retention.sample_ids)
+    check.held = check.checked - (1 if left else 0) - len(stale)
+    if left:
+        check.failures.append(f"{left[0][0]}: still in the DLQ")
+    check.failures += [f"{i}: still in the DLQ index" for i in stale[:4]]
+    return check
 
 
 def _replay_row(entry_id: str, fields: dict[str, str], status: str, new_id: str) -> dict[str, Any]:
@@ -949,6 +1202,19 @@ def delete_empty_consumers_task(
 ) -> ConsumerCleanup:
     """``delete_empty_consumers`` as a task (guarded: a refusal raises ``Refused``)."""
     return delete_empty_consumers(settings=settings, consumers=consumers, min_idle_ms=min_idle_ms, dry_run=dry_run)
+
+
+refresh_indexes_task = task(name="refresh-queue-indexes", **_RETRY)(refresh_indexes)
+verify_trim_task = task(name="verify-trim", **_RETRY)(verify_trim)
+
+
+@task(name="trim-dlq", **_RETRY)
+def trim_dlq_task(
+    *, settings: Settings, max_age_ms: int, max_length: int = 0, max_entries: int = 10_000, dry_run: bool
+) -> DlqRetention:
+    """``trim_dlq`` as a task (guarded: a refusal raises ``Refused``)."""
+    return trim_dlq(settings=settings, max_age_ms=max_age_ms, max_length=max_length, max_entries=max_entries,
+                    dry_run=dry_run)
 
 
 @task(name="replay-dlq", **_RETRY)

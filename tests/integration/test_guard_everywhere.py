@@ -61,6 +61,7 @@ CASES: dict[str, Callable[[Settings, bool], Any]] = {
     "recover-consumers": lambda s, d: queue.recover_consumers(settings=s, consumers=["w-dead"], dry_run=d),
     "delete-consumers": lambda s, d: queue.delete_empty_consumers(
         settings=s, consumers=None, min_idle_ms=0, dry_run=d),
+    "trim-dlq": lambda s, d: queue.trim_dlq(settings=s, max_age_ms=1, dry_run=d),
     "replay-dlq": lambda s, d: queue.replay_dlq(settings=s, flt=queue.ReplayFilter(replay_all=True), dry_run=d),
     "dead-letter-entries": lambda s, d: queue.dead_letter_pending(
         settings=s, consumer="w-dead", entries=_dead_entries(s), reason="poison", dry_run=d),

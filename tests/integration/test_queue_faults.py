@@ -25,10 +25,13 @@ def test_a_dropped_connection_is_retried_and_moves_each_entry_once(settings, red
         return outcome
 
     mocker.patch.object(queue, "_apply_decisions", side_effect=act_then_drop)
+    scans = mocker.spy(queue, "scan_pending")
     result = sweep_pages_task(settings=settings, policy=SweepPolicy(dead_consumers=["w-dead"]), dry_run=False)
 
-    assert calls["n"] == 2
-    assert result.done == {}  # the retry found them already moved: nothing twice
+    assert calls["n"] == 1  # the atomic step ran once; its reply was lost
+    # the task was retried: it re-read w-dead's list and the idle entries, found nothing left, moved nothing twice
+    assert scans.call_count == 3
+    assert result.done == {}
     assert sorted(f["job_id"] for _, f in new_entries(redis, settings)) == ["r-1", "r-2"]
     assert pending_ids(redis, settings) == {}
 

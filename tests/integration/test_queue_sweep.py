@@ -39,6 +39,10 @@ from tests.integration.queue_fixtures import (
 
 FIVE_MIN = 300_000
 
+def systems(key_prefix: str) -> dict[bytes, bytes]:
+    """Every key of this test (DUMP, byte-exact) but the recovery's own telemetry outbox (``tasks.events``)."""
+    return {k: v for k, v in dump_keys(REDIS_URL, key_prefix).items() if b":events:outbox" not in k}
+
 
 def seed_mixed(redis, settings):
     """A dead worker's backlog, a slow worker's stale entries, poison, an orphan, a busy live worker, a queue."""
@@ -245,7 +249,7 @@ def test_an_emptied_dead_consumer_is_deleted_and_checked_gone(active_settings, r
 def test_dry_run_and_kill_switch_leave_every_key_byte_for_byte(active_settings, redis, key_prefix):
     settings = active_settings
     seed_mixed(redis, settings)
-    before = dump_keys(REDIS_URL, key_prefix)
+    before = systems(key_prefix)
 
     dry = queue_sweep(dead_consumers=["w-dead"], delete_idle_consumers_ms=0, dry_run=True)
     assert dry.outcome is Outcome.DRY_RUN
@@ -253,7 +257,7 @@ def test_dry_run_and_kill_switch_leave_every_key_byte_for_byte(active_settings, 
     assert dry.sweep.done == {} and dry.cleanup is None  # w-dead still owns entries: not proposed
     would = ActionStatus.DRY_RUN
     assert moves(dry) == {"requeue": (would, 30), "dead-letter": (would, 3), "ack-orphan": (would, 1)}
-    assert dump_keys(REDIS_URL, key_prefix) == before
+    assert systems(key_prefix) == before
 
     Variable.set(settings.kill_switch_variable, True, overwrite=True)
     try:
@@ -266,7 +270,7 @@ def test_dry_run_and_kill_switch_leave_every_key_byte_for_byte(active_settings, 
     assert state.is_completed() and paused.outcome is Outcome.REFUSED
     assert [(a.kind, a.status) for a in paused.actions] == [("sweep-pending", ActionStatus.REFUSED)]
     assert "kill switch" in paused.actions[0].detail and paused.sweep.done == {}
-    assert dump_keys(REDIS_URL, key_prefix) == before
+    assert systems(key_prefix) == before
 
 
 def test_engaging_the_kill_switch_mid_sweep_stops_the_next_batches(active_settings, redis, mocker):
@@ -373,18 +377,18 @@ def test_report_artifact_has_before_after_counts_and_samples(active_settings, re
 )
 def test_bad_parameters_fail_before_touching_redis(active_settings, redis, key_prefix, kwargs):
     seed_mixed(redis, active_settings)
-    before = dump_keys(REDIS_URL, key_prefix)
+    before = systems(key_prefix)
     with pytest.raises(ParameterTypeError):
         queue_sweep(dry_run=False, dead_consumers=["w-dead"], **kwargs)
-    assert dump_keys(REDIS_URL, key_prefix) == before
+    assert systems(key_prefix) == before
 
 
 def test_dead_claim_consumer_is_refused_clearly(active_settings, redis, key_prefix):
     seed_mixed(redis, active_settings)
-    before = dump_keys(REDIS_URL, key_prefix)
+    before = systems(key_prefix)
     with pytest.raises(QueueError, match="claim_consumer `w-dead` is listed in dead_consumers"):
         queue_sweep(strategy="claim", claim_consumer="w-dead", dead_consumers=["w-dead"], dry_run=False)
-    assert dump_keys(REDIS_URL, key_prefix) == before
+    assert systems(key_prefix) == before
 
 
 def test_a_missing_stream_or_group_is_a_clear_error_and_creates_nothing(active_settings, redis, key_prefix):
@@ -393,7 +397,7 @@ def test_a_missing_stream_or_group_is_a_clear_error_and_creates_nothing(active_s
     assert state.is_failed() and result.outcome is Outcome.FAILED
     assert f"stream `{active_settings.stream}` does not exist" in result.error
     assert "does not exist" in report_md()  # the report is published for a failed run too
-    assert dump_keys(REDIS_URL, key_prefix) == {}
+    assert systems(key_prefix) == {}
     add_steps(redis, active_settings, ["a"])
     state = queue_sweep(dry_run=False, return_state=True)
     assert state.is_failed()

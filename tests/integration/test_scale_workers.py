@@ -150,7 +150,7 @@ def test_dry_run_changes_nothing(sw, cluster, redis):
         ("scale-deployment", "deployment/worker", ActionStatus.DRY_RUN)]
     assert replicas(cluster) == 3
     assert {p["metadata"]["name"] for p in cluster.pods(selector="app=worker")} == pods
-    assert list(redis.scan_iter(match=f"{sw.state_prefix}:*")) == []
+    assert list(redis.scan_iter(match=f"{sw.state_prefix}:cooldown:*")) == []
     assert not artifacts_of(state, "scale-workers-drain")
 
 

@@ -202,7 +202,7 @@ def test_dry_run_changes_nothing_anywhere(env, cluster, redis):
     assert queue_state(redis, s) == before
     assert worker_pods(cluster, s, ready_only=False) == pods_before and deletions(cluster) == []
     assert run_status(s, [f["run_id"] for f in crashed]) == runs_before
-    assert list(redis.scan_iter(match=f"{s.state_prefix}:*")) == []  # no cooldown spent
+    assert list(redis.scan_iter(match=f"{s.state_prefix}:cooldown:*")) == []  # no cooldown spent
 
 
 def test_kill_switch_stops_every_mutating_step(env, cluster, redis):

@@ -18,7 +18,7 @@ MUTATING_METHODS = {
     "delete_namespaced_pod", "create_namespaced_pod_eviction", "patch_namespaced_deployment",
     "patch_namespaced_deployment_scale", "replace_namespaced_deployment", "post",
 }
-MUTATING_NAMES = {"ACT_PENDING", "REPLAY_DLQ", "DELETE_EMPTY_CONSUMERS"}  # Lua scripts that move entries
+MUTATING_NAMES = {"ACT_PENDING", "REPLAY_DLQ", "DELETE_EMPTY_CONSUMERS", "TRIM_DLQ"}  # Lua scripts that move entries
 SQL_WRITES = {"update", "insert", "delete"}  # sa.update(...) etc.
 
 # Writers that are not recovery actions, and why.

@@ -8,6 +8,7 @@ from flows.dlq_replay import build_filter
 from flows.queue_sweep import build_policy, policy_text
 from tasks.queue import (
     ConsumerInfo,
+    DlqRetention,
     Move,
     MoveCheck,
     PendingEntry,
@@ -23,8 +24,10 @@ from tasks.queue import (
     move_counts,
     pick_samples,
     replay_moves,
+    retention_due,
     sweep_moves,
 )
+from tasks.queue import _cursor as sweep_cursor
 
 POLICY = SweepPolicy(min_idle_ms=300_000, max_deliveries=3, dead_consumers=["w-dead"])
 
@@ -249,3 +252,40 @@ def test_report_samples_are_a_few_rows_per_kind():
 def test_policy_text_names_the_rules():
     text = policy_text(SweepPolicy(min_idle_ms=300_000, dead_consumers=["w-b", "w-a"]), 15)
     assert "300000 ms" in text and "(w-a, w-b)" in text and "at most 15 moves" in text
+
+
+DAY_MS = 86_400_000
+
+
+def test_retention_is_due_from_the_snapshot_alone():
+    base = {"stream": "s", "group": "g", "dlq_stream": "d", "stream_exists": True, "group_exists": True}
+    now = 1_738_281_600_000
+    old = QueueSnapshot(**base, dlq_length=3, dlq_oldest_id=f"{now - 31 * DAY_MS}-0", server_ms=now)
+    young = QueueSnapshot(**base, dlq_length=3, dlq_oldest_id=f"{now - 29 * DAY_MS}-5", server_ms=now)
+    edge = QueueSnapshot(**base, dlq_length=3, dlq_oldest_id=f"{now - 30 * DAY_MS}-0", server_ms=now)
+    assert retention_due(old, max_age_ms=30 * DAY_MS, max_length=0)
+    assert not retention_due(young, max_age_ms=30 * DAY_MS, max_length=0)
+    assert not retention_due(edge, max_age_ms=30 * DAY_MS, max_length=0)  # exactly at the limit: kept
+    assert not retention_due(old, max_age_ms=0, max_length=0)  # 0: keep all
+    assert retention_due(young, max_age_ms=30 * DAY_MS, max_length=2)  # over the length limit
+    assert not retention_due(young, max_age_ms=30 * DAY_MS, max_length=3)
+    assert not retention_due(QueueSnapshot(**base), max_age_ms=30 * DAY_MS, max_length=2)  # empty DLQ
+
+
+def test_a_retention_step_says_what_it_trimmed_and_why():
+    out = DlqRetention(dry_run=False, max_age_ms=30 * DAY_MS, max_length=100, trimmed=3, by_age=2, by_length=1,
+                       first_ms=1_700_000_000_000, last_ms=1_700_000_060_000, job_ids=["a", "b", "c"], more=True)
+    assert out.changed
+    text = out.summary()
+    assert text.startswith("trimmed 3 (2 older than 30 days, 1 beyond 100 entries); dead-lettered 2023-11-14 22:13")
+    assert "steps a, b, c" in text and "the next sweep goes on" in text
+    preview = DlqRetention(dry_run=True, max_age_ms=DAY_MS, max_length=0, trimmed=1, by_age=1, job_ids=["x"])
+    assert not preview.changed and preview.summary().startswith("would trim 1 (1 older than 1 day)")
+    assert DlqRetention(dry_run=False, max_age_ms=DAY_MS, max_length=0).summary() == (
+        "trimmed nothing: no entry over the limit")
+
+
+def test_a_sweep_cursor_names_its_phase():
+    assert sweep_cursor("-") == (0, "-")
+    assert sweep_cursor("(5-1") == (0, "(5-1")  # a plain id: the first phase
+    assert sweep_cursor("2|(7-0") == (2, "(7-0") and sweep_cursor("1|-") == (1, "-")
