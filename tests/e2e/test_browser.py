@@ -189,7 +189,7 @@ def test_an_engineer_runs_and_approves_a_crash_recovery_in_the_prefect_ui(env, c
         tab.goto(f"{ui}/runs/flow-run/{real.id}")
         tab.get_by_role("button", name="Resume").click()
         dialog = tab.get_by_role("dialog")
-        assert "delete 1 worker pod: " + a in dialog.inner_text()
+        dialog.get_by_text("delete 1 worker pod: " + a).first.wait_for(timeout=20_000)  # the plan, rendered async
         dialog.locator(".p-select-button__control").focus()
         tab.keyboard.press("ArrowDown")  # opens the decision's options
         tab.locator(".p-select-option", has_text="approve").first.click()

@@ -48,15 +48,29 @@ def _assert_matches_prefect_yaml(deployments: dict, automations: list) -> None:
     assert len(ours) == triggers
 
 
+async def _remove(deployments: dict, automations: list) -> None:
+    """Leave the session's Prefect server as found: the triggers would start runs for later tests' events."""
+    async with get_client() as client:
+        for automation in automations:
+            if "ferrumdeck." in str(automation.trigger):
+                await client.delete_automation(automation.id)
+        for name in SPECS:
+            if name in deployments:
+                await client.delete_deployment(deployments[name].id)
+
+
 def test_prefect_deploy_all_creates_every_deployment_and_trigger():
     pool = _prefect_cli("work-pool", "create", "ferrumdeck-recovery", "--type", "process", "--overwrite")
     assert pool.returncode == 0, pool.stdout + pool.stderr
     result = _prefect_cli("deploy", "--all")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     deployments, automations = asyncio.run(_registered())
-    _assert_matches_prefect_yaml(deployments, automations)
-    crash = deployments["worker-crash-recovery"]
-    assert crash.work_pool_name == "ferrumdeck-recovery"
+    try:
+        _assert_matches_prefect_yaml(deployments, automations)
+        crash = deployments["worker-crash-recovery"]
+        assert crash.work_pool_name == "ferrumdeck-recovery"
+    finally:
+        asyncio.run(_remove(deployments, automations))
 
 
 @pytest.mark.parametrize("name", ["worker-crash-recovery", "queue-sweep"])

@@ -196,8 +196,8 @@ def test_an_approved_plan_acts_once_and_names_who_approved(env, cluster, redis):
     assert deletions(cluster) == [a]  # acted once
     assert result.approval.decision == "approved" and result.approval.approver == "alice"
     assert result.approval.reason == "one pod, known crash" and result.approval.answered_at >= result.approval.asked_at
-    assert [(x.kind, x.status) for x in result.actions][:2] == [("recover-entries", ActionStatus.DONE),
-                                                                 ("delete-pod", ActionStatus.DONE)]
+    done = [(x.kind, x.status) for x in result.actions]
+    assert ("recover-entries", ActionStatus.DONE) in done and ("delete-pod", ActionStatus.DONE) in done
     md = report(run, "worker-crash-recovery")
     assert "Outcome: recovered" in md and "Approved by alice: one pod, known crash" in md
     events = approval_events(run, want={"ferrumdeck.recovery.approval-requested", "ferrumdeck.recovery.approval"})
