@@ -70,8 +70,7 @@ def redis_broker_env(redis_url: str) -> dict[str, str]:
 def private_redis(tmp_path_factory) -> Iterator[str]:
     """A redis-server of its own on a free port (no persistence) for Prefect's messaging: its URL."""
     server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server not installed (deployments/ensure-services.sh installs it)")
+    assert server is not None, "redis-server not installed (make test installs it: deployments/ensure-services.sh)"
     port, workdir = free_port(), tmp_path_factory.mktemp("redis")
     proc = ChildProcess.spawn("redis", [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
                                         "--appendonly", "no", "--dir", str(workdir)],

@@ -94,7 +94,7 @@ def private_redis(tmp_path) -> Iterator[str]:
             if time.monotonic() > deadline:
                 proc.kill()
                 raise
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll
     client.close()
     yield url
     proc.terminate()
