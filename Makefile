@@ -7,7 +7,7 @@ DEMO_ARGS ?=
 SHELL  := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: install services chromium lint test demo bench clean
+.PHONY: install services peers chromium lint test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,16 @@ install: $(VENV)/.installed
 services:
 	bash deployments/ensure-services.sh
 
+# the real peers from Debian: Prometheus + promtool, Alertmanager, the redis and blackbox exporters (the detection
+# loop, the alerting tests, the demo's default `--detect prometheus`)
+# (each package installs the command of its name; prometheus brings promtool)
+PEERS := prometheus prometheus-alertmanager prometheus-redis-exporter prometheus-blackbox-exporter
+peers:
+	@need=""; for p in $(PEERS); do command -v $$p >/dev/null || need="$$need $$p"; done; \
+	if [ -n "$$need" ]; then echo "installing$$need"; S=""; [ "$$(id -u)" -eq 0 ] || S=sudo; \
+	  $$S apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq \
+	  --no-install-recommends $$need >/dev/null; fi
+
 # the browser test drives Debian's chromium through playwright (never `playwright install`: no downloads)
 chromium:
 	@command -v chromium >/dev/null || { echo "installing chromium"; S=""; [ "$$(id -u)" -eq 0 ] || S=sudo; \
@@ -29,10 +39,12 @@ chromium:
 lint: install
 	$(VENV)/bin/ruff check flows tasks deployments sandbox bench tests
 
-test: install services chromium lint
+test: install services peers chromium lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# the demo falls back to `--detect direct` (and says so) where the peers cannot be installed
 demo: install
+	-@$(MAKE) --no-print-directory peers
 	NEED_POSTGRES=0 bash deployments/ensure-services.sh
 	$(PY) -m deployments.demo $(DEMO_ARGS)
 

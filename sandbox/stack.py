@@ -1,12 +1,26 @@
-"""The whole demo stack, started and stopped as one: Prefect server, sandbox FerrumDeck, alert bridge, runner.
+"""The whole demo stack, started and stopped as one: Prefect server, sandbox FerrumDeck, alert bridge, runner,
+and the detection path in front of them.
 
-``Stack.start(state_dir=...)`` starts, each on a free port of 127.0.0.1 and each waited for with a deadline:
-a real ``prefect server start`` subprocess (SQLite, its own ``PREFECT_HOME`` under the state directory), the
-sandbox FerrumDeck in this process (cluster, workers, gateway, MCP, LLM status, steady load; SQLite runs DB;
-Redis keys under a private prefix), the alert bridge (``BackgroundBridge``, Bearer token), and
+``Stack.start(state_dir=..., detect=...)`` starts, each on a free port of 127.0.0.1 and each waited for with a
+deadline: a real ``prefect server start`` subprocess (SQLite, its own ``PREFECT_HOME`` under the state
+directory), the sandbox FerrumDeck in this process (cluster, workers, gateway, MCP, LLM status, steady load;
+SQLite runs DB; Redis keys under a private prefix), the alert bridge (``BackgroundBridge``, Bearer token), and
 ``fd-recovery serve`` as a subprocess with the sandbox's ``FD_*`` environment, then waits until every
 deployment and trigger of ``prefect.yaml`` is registered. ``stop()`` ends everything it started (process
 groups of its own subprocesses, by id) and is safe to call twice, from ``finally`` after Ctrl-C.
+
+Detection (``detect``, see ``DETECTIONS``):
+
+- ``prometheus``: the sandbox's ``/metrics`` (``sandbox.metrics``) and the real Prometheus, Alertmanager, redis
+  and blackbox exporters (``sandbox.observability``, ``DEMO`` profile: scrape 1 s, ``for:`` at most 5 s), whose
+  Alertmanager notifies the bridge; the bridge's heartbeat comes from the real ``FerrumDeckHeartbeat`` alert;
+- ``watch``: the direct watcher (``deployments.watch.watching``: Kubernetes watch + consumer-group poll every
+  0.5 s) posting its ``ferrumdeck.pod.*`` events to the Prefect server;
+- ``direct``: nothing in front; the drills post each alert to the bridge themselves.
+
+The served flow runs persist their results (``PREFECT_RESULTS_PERSIST_BY_DEFAULT``, flows only: tasks keep
+production's no persistence) under the state directory, so a drill can read a run's typed ``RecoveryResult``
+(its ``outcome``) from another process.
 
 The drill profile (``DRILL_SETTINGS``, ``DRILL_PARAMETERS``) shortens the waits that only make sense at
 production scale (a hang must be idle 2 s instead of 2 min, samples 1 s apart, scale back after a drain),
@@ -55,6 +69,13 @@ DRILL_SETTINGS: dict[str, Any] = {
     "pod_deletions_per_hour": 30,  # a demo replaces several pods within minutes
     "min_healthy_workers": 1,
 }
+
+#: The detection paths a stack can run (``Stack.start(detect=...)``).
+DETECTIONS = ("prometheus", "watch", "direct")
+#: The watcher reports a hang after this much silence (the flows' own threshold, DRILL_SETTINGS, is lower, so a
+#: hang the watcher reports is one the recovery confirms; under load a healthy worker can be silent for ~2 s).
+WATCH_HANG_MIN_IDLE_MS = 3_000
+WATCH_POLL_INTERVAL_S = 0.5
 
 #: Deployment parameter defaults changed for the drills (trigger parameters still win over these).
 DRILL_PARAMETERS: dict[str, dict[str, Any]] = {
@@ -176,6 +197,12 @@ class Stack:
     deployments: dict[str, str] = field(default_factory=dict)  # name -> id
     timings: dict[str, float] = field(default_factory=dict)
     keep_keys: bool = False
+    detect: str = "direct"
+    metrics: Any = None  # sandbox.metrics.MetricsEndpoint (detect=prometheus)
+    observability: Any = None  # sandbox.observability.Observability (detect=prometheus)
+    watcher: Any = None  # deployments.watch.Watcher (detect=watch)
+    watch_events: Any = None  # deployments.watch.PrefectEvents (detect=watch)
+    _watching: contextlib.ExitStack | None = None
     _children: list[ChildProcess] = field(default_factory=list)
     _key_prefix: str = ""
     _stopped: bool = False
@@ -195,11 +222,15 @@ class Stack:
         server_timeout_s: float = 90.0,
         serve_timeout_s: float = 120.0,
         prefect_database_url: str | None = None,
+        detect: str = "direct",
     ) -> Stack:
         """Start every part; on any failure everything already started is stopped before raising.
 
         ``prefect_database_url`` (``postgresql+asyncpg://...``) runs the Prefect server on PostgreSQL as in
-        production; by default it uses a SQLite file in the state directory."""
+        production; by default it uses a SQLite file in the state directory. ``detect``: one of ``DETECTIONS``
+        (the module docstring)."""
+        if detect not in DETECTIONS:
+            raise ValueError(f"detect must be one of {', '.join(DETECTIONS)}, not {detect!r}")
         state = Path(state_dir).resolve()
         if state.exists() and any(state.iterdir()):
             if not (state / MARKER).exists():
@@ -207,7 +238,7 @@ class Stack:
             shutil.rmtree(state)
         (state / "prefect").mkdir(parents=True)
         (state / MARKER).write_text("state of a ferrumdeck-recovery demo stack; recreated on every start\n")
-        self = cls(state_dir=state)
+        self = cls(state_dir=state, detect=detect)
         try:
             self._start(load_rate_per_s=load_rate_per_s, step_ms=step_ms, batch=batch,
                         settings_overrides={**DRILL_SETTINGS, **(settings_overrides or {})},
@@ -229,6 +260,10 @@ class Stack:
             "PREFECT_LOGGING_LEVEL": "INFO",
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
             "PYTHONUNBUFFERED": "1",
+            # flow results are kept (tasks' are not, as in production), so a drill reads the typed outcome
+            "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+            "PREFECT_TASKS_DEFAULT_PERSIST_RESULT": "false",
+            "PREFECT_LOCAL_STORAGE_PATH": str(self.state_dir / "prefect" / "storage"),
         })
         return env
 
@@ -285,7 +320,11 @@ class Stack:
             **settings_overrides,
             "bridge_heartbeat_url": f"{self.bridge.url}/heartbeat",
         })
-        self.heartbeat()
+        if self.detect == "prometheus":
+            self._start_observability(say=say)
+            self.timings["observability_s"] = round(time.monotonic() - t0, 2)
+        else:
+            self.heartbeat()
 
         say("starting the runner (fd-recovery serve: every deployment of prefect.yaml, flow runs in-process) ...")
         serve_env = {**self._prefect_env(), **settings_env(self.flow_settings)}
@@ -296,6 +335,11 @@ class Stack:
         self._children.append(serve)
         self._wait_for_deployments(serve, timeout_s=serve_timeout_s)
         self._apply_parameters(parameter_overrides)
+        if self.detect == "watch":  # after the triggers exist: its first events must find them
+            self._start_watcher(say=say)
+        if self.detect == "prometheus":  # the heartbeat alert went Prometheus -> Alertmanager -> bridge
+            wait_until(self.heartbeat_seen, timeout_s=60, interval_s=0.25,
+                       what="the FerrumDeckHeartbeat alert from Prometheus through Alertmanager at the bridge")
         self.timings["ready_s"] = round(time.monotonic() - t0, 2)
 
     def _start_sandbox(self, *, load_rate_per_s: float, step_ms: float, batch: int) -> None:
@@ -327,6 +371,66 @@ class Stack:
         with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
             app = create_app(settings)
         self.bridge = BackgroundBridge(app, port=settings.port).start()
+
+    def _start_observability(self, *, say: Callable[[str], None]) -> None:
+        """The sandbox's /metrics and the real Prometheus, Alertmanager and exporters (DEMO profile)."""
+        from sandbox.metrics import serve_services_metrics
+        from sandbox.observability import DEMO, start_for_services
+
+        say("starting the detection loop (sandbox /metrics, Prometheus, Alertmanager, redis and blackbox exporters) ...")
+        self.metrics = serve_services_metrics(self.services, stuck_after_s=DEMO.stuck_after_s)
+        state = self.state_dir / "observability"
+        n = 1
+        while state.exists():  # a restarted loop starts from empty TSDB and Alertmanager data
+            n += 1
+            state = self.state_dir / f"observability-{n}"
+        self.observability = start_for_services(
+            self.services, metrics=self.metrics, bridge_url=self.bridge.url, bridge_token=self.bridge_token,
+            profile=DEMO, state_dir=state, say=say)
+        try:
+            self.observability.wait_until_scraped(timeout_s=30)
+        except Exception as e:  # noqa: BLE001 - say which target is down, in words
+            raise StackError(f"the detection loop does not scrape: {e}") from e
+
+    def _start_watcher(self, *, say: Callable[[str], None]) -> None:
+        """The direct watcher in this process, posting its events to the stack's Prefect server."""
+        from deployments.watch import WatchSettings, watching
+
+        assert self.flow_settings is not None
+        settings = self.flow_settings.model_copy(update={"hang_min_idle_ms": WATCH_HANG_MIN_IDLE_MS})
+        options = WatchSettings(poll_interval_s=WATCH_POLL_INTERVAL_S, prefect_api_url=self.api_url)
+        self._watching = contextlib.ExitStack()
+        self.watcher, self.watch_events = self._watching.enter_context(watching(settings, options))
+        wait_until(lambda: {"worker", "mcp"} <= self.watcher.state.synced, timeout_s=30, interval_s=0.1,
+                   what="the watcher's first list of the worker and MCP pods")
+        say(f"direct watcher: pods {settings.worker_selector} and MCP pods watched, consumer group polled every "
+            f"{WATCH_POLL_INTERVAL_S:g} s (hung = idle >= {WATCH_HANG_MIN_IDLE_MS} ms holding entries) -> "
+            f"{self.watch_events.url}")
+
+    def set_detection(self, detect: str, *, say: Callable[[str], None] = lambda _msg: None) -> None:
+        """Switch a running stack to another detection path (stops the current one's parts, starts the new)."""
+        if detect not in DETECTIONS:
+            raise ValueError(f"detect must be one of {', '.join(DETECTIONS)}, not {detect!r}")
+        if detect == self.detect:
+            return
+        self._stop_watcher()
+        self._stop_observability()
+        self.detect = detect
+        if detect == "prometheus":
+            self._start_observability(say=say)
+        elif detect == "watch":
+            self._start_watcher(say=say)
+        else:
+            self.heartbeat()
+
+    def detection(self) -> str:
+        """One line for a person: the detection path in front of the recoveries."""
+        if self.detect == "prometheus" and self.observability is not None:
+            return f"detection: prometheus — {self.observability.describe()}"
+        if self.detect == "watch":
+            return (f"detection: watch — fd-recovery watch in process, poll {WATCH_POLL_INTERVAL_S:g} s, "
+                    f"hang after {WATCH_HANG_MIN_IDLE_MS} ms idle")
+        return "detection: direct — each drill posts its alert to the bridge as Alertmanager would"
 
     def _wait_for_deployments(self, serve: ChildProcess, *, timeout_s: float) -> None:
         from deployments.serve import read_deployment_specs
@@ -365,16 +469,30 @@ class Stack:
 
     # --- use ---
     def heartbeat(self) -> None:
-        """Post the always-firing heartbeat alert to the bridge, as Alertmanager does (alerting works)."""
+        """Post the always-firing heartbeat alert to the bridge, as Alertmanager does (alerting works).
+
+        With Prometheus in front, the real ``FerrumDeckHeartbeat`` rule does that: nothing is posted."""
         from sandbox.drills import post_alert
 
+        if self.observability is not None:
+            return
         post_alert(self, "FerrumDeckHeartbeat", labels={"severity": "none"})
+
+    def heartbeat_seen(self) -> bool:
+        """The bridge has recorded a heartbeat alert."""
+        try:
+            return bool(httpx.get(f"{self.bridge.url}/heartbeat", timeout=2).json().get("last_seen"))
+        except (httpx.HTTPError, ValueError):
+            return False
 
     def summary(self) -> dict[str, Any]:
         return {
             "prefect_ui": self.ui_url,
             "prefect_api": self.api_url,
             "bridge": self.bridge.url if self.bridge else None,
+            "detect": self.detect,
+            **({"observability": {n: c.url for n, c in self.observability.components.items()}}
+               if self.observability is not None else {}),
             "state_dir": str(self.state_dir),
             "sandbox": self.services.summary() if self.services else None,
             "logs": {c.name: str(c.log_path) for c in self._children},
@@ -400,10 +518,11 @@ class Stack:
             return
         self._stopped = True
         errors: list[str] = []
+        self._drain_events()
         for child in reversed(self._children):
             if child.name == "fd-recovery-serve":
                 child.stop(timeout_s=10)
-        for step in (self._stop_bridge, self._stop_sandbox):
+        for step in (self._stop_watcher, self._stop_observability, self._stop_bridge, self._stop_sandbox):
             try:
                 step()
             except Exception as e:  # noqa: BLE001 - keep stopping the rest; report at the end
@@ -412,6 +531,32 @@ class Stack:
             child.stop(timeout_s=15)
         if errors:
             log.warning("stack stopped with errors: %s", "; ".join(errors))
+
+    def _drain_events(self, timeout_s: float = 15.0) -> None:
+        """Deliver the events this process's own flow runs (the drills' post-recovery checks) emitted, while the
+        server still answers: an event left for a stopped server is retried at interpreter exit, for ever."""
+        if not self.api_url:
+            return
+        try:
+            from prefect.events.worker import EventsWorker
+
+            EventsWorker.drain_all(timeout=timeout_s, at_exit=False)
+        except Exception as e:  # noqa: BLE001 - stopping goes on
+            log.warning("events of this process not delivered: %s: %s", type(e).__name__, e)
+
+    def _stop_watcher(self) -> None:
+        watching, self._watching, self.watcher, self.watch_events = self._watching, None, None, None
+        if watching is not None:
+            watching.close()
+
+    def _stop_observability(self) -> None:
+        observability, metrics, self.observability, self.metrics = self.observability, self.metrics, None, None
+        try:
+            if observability is not None:
+                observability.stop()
+        finally:
+            if metrics is not None:
+                metrics.stop()
 
     def _stop_bridge(self) -> None:
         if self.bridge is not None:
