@@ -7,13 +7,16 @@ A person hears about every recovery that needs one: each concluded run emits ``f
 - automation ``<prefix>: notify on recovery outcome`` fires on that event when the outcome is one of
   ``FD_NOTIFY_OUTCOMES`` (not_verified, partial, failed, refused);
 - automation ``<prefix>: notify on crashed recovery run`` fires on ``prefect.flow-run.Crashed`` of a run tagged
-  ``ferrumdeck`` (every deployment in prefect.yaml is): such a run never reached its report.
+  ``ferrumdeck`` (every deployment in prefect.yaml is): such a run never reached its report;
+- automation ``<prefix>: notify when a recovery waits for approval`` fires on
+  ``ferrumdeck.recovery.approval-requested`` (``tasks.approval``): the plan, why a person is asked, the deadline
+  and a link to the paused run, whose Resume form approves or rejects it — unanswered, it changes nothing.
 
 Each sends one message per configured block — a ``Slack Webhook`` block (FD_NOTIFY_SLACK_WEBHOOK_URL) and a
 ``Custom Webhook`` block POSTing JSON ``{"subject", "text", "source"}`` (FD_NOTIFY_WEBHOOK_URL, optional Bearer
 FD_NOTIFY_WEBHOOK_TOKEN; URL and token kept as block secrets) — with the target, the outcome, the one-line cause
 and a link to the run. ``apply_notifications`` creates or updates the blocks and automations by name, so running
-it again changes nothing; with no URL set it removes the two automations. A notification endpoint that is down
+it again changes nothing; with no URL set it removes the automations. A notification endpoint that is down
 fails the automation's action (``prefect.automation.action.failed`` in the event feed), never the recovery.
 """
 
@@ -25,12 +28,14 @@ from uuid import UUID
 
 from pydantic import BaseModel, Field
 
+from tasks.approval import REQUESTED_EVENT
 from tasks.report import OUTCOME_EVENT
 from tasks.settings import Settings
 
 #: every deployment of prefect.yaml carries this tag (its flow runs inherit it)
 CRASH_TAG = "ferrumdeck"
 CRASHED_EVENT = "prefect.flow-run.Crashed"
+APPROVAL_EVENT = f"ferrumdeck.recovery.{REQUESTED_EVENT}"
 
 OUTCOME_SUBJECT = (
     "FerrumDeck recovery {{ event.resource['ferrumdeck.outcome'] }}: {{ event.resource['ferrumdeck.flow'] }}"
@@ -52,6 +57,14 @@ Outcome: crashed
 Cause: {{ flow_run.state.message or 'the flow run crashed before its report' }}
 Run: {ui_url}/runs/flow-run/{{ flow_run.id }}"""
 
+APPROVAL_SUBJECT = "FerrumDeck recovery waits for your approval: {{ event.payload.flow }} — {{ event.payload.plan }}"
+APPROVAL_BODY = """\
+Recovery: {{ event.payload.flow }} waits for a person's approval before it acts
+Plan: {{ event.payload.plan }}
+Why a person is asked: {{ event.payload.rule }}
+No answer within {{ event.payload.timeout_s | round | int }} s: rejected, nothing changes
+Approve or reject (the run's Resume button): {ui_url}/runs/flow-run/{{ event.payload.flow_run_id }}"""
+
 
 class NotificationsApplied(BaseModel):
     """What ``apply_notifications`` left in Prefect: the blocks used and each automation's fate."""
@@ -66,9 +79,10 @@ def block_names(settings: Settings) -> dict[str, str]:
 
 
 def automation_names(settings: Settings) -> dict[str, str]:
-    """The names of the two automations, saying what they notify about."""
+    """The names of the automations, saying what they notify about."""
     prefix = settings.notify_name_prefix
-    return {"outcome": f"{prefix}: notify on recovery outcome", "crashed": f"{prefix}: notify on crashed recovery run"}
+    return {"outcome": f"{prefix}: notify on recovery outcome", "crashed": f"{prefix}: notify on crashed recovery run",
+            "approval": f"{prefix}: notify when a recovery waits for approval"}
 
 
 def notification_blocks(settings: Settings) -> dict[str, Any]:
@@ -104,14 +118,15 @@ def ui_url(settings: Settings) -> str:
 
 
 def notification_automations(settings: Settings, block_ids: list[UUID], *, base_url: str) -> dict[str, Any]:
-    """Pure: the two automations (by name) sending through ``block_ids`` — one action per block — with links
+    """Pure: the automations (by name) sending through ``block_ids`` — one action per block — with links
     to runs under ``base_url`` (the Prefect UI)."""
     from prefect.events.actions import SendNotification
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
     names = automation_names(settings)
     outcomes = ", ".join(settings.notify_outcomes)
-    outcome_body, crashed_body = (body.replace("{ui_url}", base_url) for body in (OUTCOME_BODY, CRASHED_BODY))
+    outcome_body, crashed_body, approval_body = (body.replace("{ui_url}", base_url)
+                                                 for body in (OUTCOME_BODY, CRASHED_BODY, APPROVAL_BODY))
     blocks = f"{len(block_ids)} notification block(s)"
     outcome = AutomationCore(
         name=names["outcome"],
@@ -137,7 +152,19 @@ def notification_automations(settings: Settings, block_ids: list[UUID], *, base_
         ),
         actions=[SendNotification(block_document_id=b, subject=CRASHED_SUBJECT, body=crashed_body) for b in block_ids],
     )
-    return {names["outcome"]: outcome, names["crashed"]: crashed}
+    approval = AutomationCore(
+        name=names["approval"],
+        description=f"A recovery paused for a person's approval (large blast radius, FD_APPROVAL_*): send the plan, "
+        f"why a person is asked, the deadline and a link to the paused run (its Resume form) to {blocks}. "
+        f"Managed by `fd-recovery notifications apply`.",
+        trigger=EventTrigger(
+            expect={APPROVAL_EVENT}, match={"prefect.resource.id": "ferrumdeck.recovery.*"},
+            posture=Posture.Reactive, threshold=1, within=timedelta(0),
+        ),
+        actions=[SendNotification(block_document_id=b, subject=APPROVAL_SUBJECT, body=approval_body)
+                 for b in block_ids],
+    )
+    return {names["outcome"]: outcome, names["crashed"]: crashed, names["approval"]: approval}
 
 
 def _upsert_automation(client: Any, automation: Any) -> str:
@@ -156,7 +183,7 @@ def _upsert_automation(client: Any, automation: Any) -> str:
 def apply_notifications(settings: Settings) -> NotificationsApplied:
     """Create or update the notification blocks and automations the settings ask for (idempotent by name).
 
-    Without any notification URL the two automations are removed (blocks are left alone: they may be in use).
+    Without any notification URL the automations are removed (blocks are left alone: they may be in use).
     """
     from prefect.client.orchestration import get_client
 

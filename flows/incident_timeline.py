@@ -20,9 +20,9 @@ from uuid import UUID
 from prefect import flow, task
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from flows._ui import describe_parameters
+from flows._ui import LoggedResult, describe_parameters, keep_typed_name
 from flows.post_recovery_check import FLOW_NAME as POST_CHECK
 from flows.post_recovery_check import PREVENTION, ROOT_CAUSE
 from tasks.correlate import ChecklistItem
@@ -76,7 +76,7 @@ class TimelineSummary(BaseModel):
     summary: str = ""
 
 
-class IncidentTimeline(RecoveryResult):
+class IncidentTimeline(LoggedResult):
     """One incident's timeline (what was read and assembled) and where its postmortem file is."""
 
     about_flow_run_id: str | None = None
@@ -130,6 +130,21 @@ def _utc(at: datetime | None) -> datetime | None:
     return at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
 
 
+UUID_OR_EMPTY = r"^([0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12})?$"
+
+
+def parse_when(text: str | datetime | None, *, name: str) -> datetime | None:
+    """Pure: a form's time text (ISO 8601; naive = UTC) as a datetime, None when empty; a bad one is a clear
+    error naming the field."""
+    if isinstance(text, datetime) or not text or not text.strip():
+        return _utc(text) if isinstance(text, datetime) else None
+    try:
+        return _utc(TypeAdapter(datetime).validate_python(text.strip()))
+    except ValidationError:
+        raise TimelineError(f"{name}: {text!r} is not a time (ISO 8601, e.g. 2026-12-05T03:10 or "
+                            f"2026-12-05 03:10:00+00:00)") from None
+
+
 def pick_window(*, about: SeenRun | None, since: datetime | None, until: datetime | None, minutes: int,
                 lookback_minutes: int, now: datetime) -> tuple[datetime, datetime]:
     """Pure: the window — given ``since``/``until`` (naive = UTC) win; else a run's (``lookback_minutes`` before
@@ -170,30 +185,39 @@ def summarize(state: Any) -> TimelineSummary:
     return out
 
 
-@flow(name=FLOW_NAME, flow_run_name=_run_name)
+@flow(name=FLOW_NAME, flow_run_name=keep_typed_name(_run_name))
 @describe_parameters
 def incident_timeline(
-    flow_run_id: Annotated[UUID | None, Field(
-        description="A triage (or any recovery) flow run: the window is that run, from lookback_minutes before "
-        "it started to its end.")] = None,
-    since: Annotated[datetime | None, Field(description="Window start (UTC); default: `minutes` before its end.")] = None,
-    until: Annotated[datetime | None, Field(description="Window end (UTC); default: now, or the run's end.")] = None,
-    minutes: Annotated[int, Field(ge=1, le=10_080, description="Window length (minutes) without since or a run.")] = 60,
+    flow_run_id: Annotated[str | None, Field(
+        pattern=UUID_OR_EMPTY, title="Flow run id", description="A triage (or any recovery) flow run's id: the "
+        "window is that run, from 'Look back before the run' to its end; empty: a window.")] = None,
+    since: Annotated[str | None, Field(max_length=40, title="Window start (UTC)", description="ISO time, e.g. "
+                                       "2026-12-05T03:10 (UTC unless it says otherwise); empty: 'Window' before "
+                                       "its end.")] = None,
+    until: Annotated[str | None, Field(max_length=40, title="Window end (UTC)", description="ISO time; empty: now, "
+                                       "or the run's end.")] = None,
+    minutes: Annotated[int, Field(ge=1, le=10_080, title="Window (min)",
+                                  description="Window length without a start or a run.")] = 60,
     lookback_minutes: Annotated[int, Field(
-        ge=0, le=1440, description="With flow_run_id: minutes before the run began to look for its alerts.")] = 15,
-    max_events: Annotated[int, Field(ge=1, le=5000, description="At most this many events read (oldest first).")] = 500,
-    max_runs: Annotated[int, Field(ge=1, le=2000, description="At most this many flow runs read (oldest first).")] = 300,
-    path: Annotated[str | None, Field(max_length=1000, description="Postmortem markdown file to write; default "
-                                      "incident-<start>.md in FD_TIMELINE_DIR (else PREFECT_HOME/incidents).")] = None,
+        ge=0, le=1440, title="Look back before the run (min)",
+        description="With a flow run id: how long before the run began to look for its alerts.")] = 15,
+    max_events: Annotated[int, Field(ge=1, le=5000, title="Max events (events)",
+                                     description="At most this many events read (oldest first).")] = 500,
+    max_runs: Annotated[int, Field(ge=1, le=2000, title="Max flow runs (runs)",
+                                   description="At most this many flow runs read (oldest first).")] = 300,
+    path: Annotated[str | None, Field(max_length=1000, title="Postmortem file", description="Markdown file to "
+                                      "write; empty: incident-<start>.md in FD_TIMELINE_DIR (else "
+                                      "PREFECT_HOME/incidents).")] = None,
 ) -> IncidentTimeline:
     """Assemble one incident from the Prefect API, in order, with MTTR, counts and root-cause hints (read-only)."""
     now, ui = datetime.now(UTC), ui_url_from(ui_url=PREFECT_UI_URL.value(), api_url=PREFECT_API_URL.value())
-    about_id = str(flow_run_id) if flow_run_id else None
+    about_id = flow_run_id or None
     with recording(IncidentTimeline(flow=FLOW_NAME, title="Incident timeline", about_flow_run_id=about_id)) as result:
         # observe: the window, then (bounded) events, runs and their typed results
-        about = read_run(flow_run_id=flow_run_id) if flow_run_id is not None else None
+        about = read_run(flow_run_id=UUID(about_id)) if about_id else None
         result.since, result.until = since, until = pick_window(
-            about=about, since=since, until=until, minutes=minutes, lookback_minutes=lookback_minutes, now=now)
+            about=about, since=parse_when(since, name="since"), until=parse_when(until, name="until"),
+            minutes=minutes, lookback_minutes=lookback_minutes, now=now)
         result.title = (f"Incident timeline of {about.flow} {about.name}" if about else
                         f"Incident timeline {since:%Y-%m-%d %H:%M} – {until:%Y-%m-%d %H:%M} UTC")
         names, scheduled = our_flows()

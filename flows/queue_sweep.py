@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from prefect import flow
 from pydantic import Field, ValidationError
 
-from flows._ui import describe_parameters
+from flows._ui import LoggedResult, describe_parameters, keep_typed_name
 from tasks.errors import RecoveryError, Refused
 from tasks.events import emit_recovery_event
-from tasks.outcome import ActionStatus, Outcome, RecoveryResult, Table
+from tasks.outcome import ActionStatus, Outcome, Table
 from tasks.queue import (
     ConsumerCleanup,
     DlqRetention,
@@ -64,7 +64,7 @@ MOVE_CHECKS = {
 }
 
 
-class QueueSweep(RecoveryResult):
+class QueueSweep(LoggedResult):
     """What one `queue-sweep` run saw, moved and verified (also returned to a calling flow)."""
 
     before: QueueSnapshot | None = None
@@ -210,20 +210,38 @@ def finish(result: QueueSweep) -> QueueSweep | State:
     return result
 
 
-@flow(name=FLOW_NAME, flow_run_name="queue-sweep {strategy} idle>={min_idle_ms}ms dry_run={dry_run}",
+@flow(name=FLOW_NAME, flow_run_name=keep_typed_name("queue-sweep {strategy} idle>={min_idle_ms}ms dry_run={dry_run}"),
       description=__doc__)
 @describe_parameters
 def queue_sweep(
-    min_idle_ms: Annotated[int, Field(ge=0, le=7 * 24 * 3_600_000,
-                                      description="Take entries idle at least this long (ms); runbook: 5 min.")] = 300_000,
-    max_deliveries: Annotated[int, Field(ge=1, le=100, description="Dead-letter entries delivered this many times in total (runbook: 3).")] = 3,
-    dead_consumers: Annotated[list[str] | None, Field(max_length=1000, description="Consumers known dead (pods gone): their entries are taken at once.")] = None,
-    strategy: Annotated[Literal["requeue", "claim"], Field(description="requeue: re-add a copy for any worker and ack the original; claim: XCLAIM to one consumer.")] = "requeue",
-    claim_consumer: Annotated[str, Field(min_length=1, max_length=200, description="Consumer that receives claimed entries (strategy claim).")] = "new-worker",
-    batch_size: Annotated[int, Field(ge=10, le=10_000, description="Pending entries handled per atomic step / task run.")] = 1000,
-    max_entries: Annotated[int, Field(ge=1, le=10_000_000, description="At most this many entries moved per run (a blast-radius cap).")] = 100_000,
-    delete_idle_consumers_ms: Annotated[int | None, Field(ge=0, description="Also delete consumers owning nothing and idle this long (ms); empty = keep all.")] = 3_600_000,
-    dry_run: Annotated[bool, Field(description="Only report what would happen; change nothing.")] = True,
+    min_idle_ms: Annotated[int, Field(ge=0, le=7 * 24 * 3_600_000, title="Take entries idle for (ms)",
+                                      description="Take entries idle at least this long; runbook: 5 min.")] = 300_000,
+    max_deliveries: Annotated[int, Field(ge=1, le=100, title="Dead-letter after (deliveries)",
+                                         description="Dead-letter an entry delivered this many times in total "
+                                         "(runbook: 3).")] = 3,
+    dead_consumers: Annotated[list[str] | None, Field(max_length=1000, title="Dead consumers",
+                                                      description="Consumers known dead (pods gone): their entries "
+                                                      "are taken at once, however fresh.")] = None,
+    strategy: Annotated[Literal["requeue", "claim"], Field(
+        title="Strategy", description="requeue: re-add a copy for any worker and acknowledge the original; claim: "
+        "XCLAIM to one consumer.")] = "requeue",
+    claim_consumer: Annotated[str, Field(min_length=1, max_length=200, title="Claim to consumer",
+                                         description="Consumer that receives claimed entries (strategy claim).")
+                              ] = "new-worker",
+    batch_size: Annotated[int, Field(ge=10, le=10_000, title="Batch size (entries)",
+                                     description="Pending entries handled per atomic step / task run.")] = 1000,
+    max_entries: Annotated[int, Field(ge=1, le=10_000_000, title="Max entries (entries)",
+                                      description="At most this many entries moved per run (a blast-radius cap; "
+                                      "the next run continues).")] = 100_000,
+    delete_idle_consumers: Annotated[bool, Field(title="Delete idle consumers",
+                                                 description="Also delete consumers that own nothing and have "
+                                                 "been idle for the time below.")] = True,
+    delete_idle_consumers_ms: Annotated[int, Field(ge=0, le=30 * 24 * 3_600_000, title="Consumer idle for (ms)",
+                                                   description="With 'Delete idle consumers': how long a consumer "
+                                                   "owning nothing must have been idle (1 h = 3600000).")
+                                        ] = 3_600_000,
+    dry_run: Annotated[bool, Field(title="Dry run", description="Only report what would happen; change nothing.")
+                       ] = True,
 ) -> QueueSweep:
     """Recover the step queue's pending list: requeue stale or dead-owned steps, dead-letter poison, ack orphans."""
     settings = get_settings()
@@ -243,7 +261,7 @@ def queue_sweep(
             result.sweep = sweep_in_batches(result, settings=settings, policy=policy, batch_size=batch_size,
                                             max_entries=max_entries, dry_run=dry_run, pending=before.pending)
         swept = result.sweep is None or (result.sweep.next_start is None and not result.sweep.cap_reached)
-        idle = [] if delete_idle_consumers_ms is None else consumers_to_delete(
+        idle = [] if not delete_idle_consumers else consumers_to_delete(
             before, min_idle_ms=delete_idle_consumers_ms, policy=policy, swept=swept and not dry_run)
         if idle:
             result.cleanup = result.perform(

@@ -26,7 +26,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from flows._ui import describe_parameters
+from flows._ui import LoggedResult, Setting, describe_parameters, keep_typed_name, setting
 from flows.incident_timeline import FLOW_NAME as TIMELINE
 from flows.incident_timeline import TimelineSummary, incident_timeline, summarize
 from tasks import runs
@@ -80,7 +80,7 @@ class StepResult(BaseModel):
         return self.state not in (COMPLETED, SKIPPED) or (self.outcome is not None and self.outcome.failing)
 
 
-class TriageResult(RecoveryResult):
+class TriageResult(LoggedResult):
     """The plan triage made from one observation, and how each planned subflow ended."""
 
     alertname: str | None = None
@@ -241,24 +241,33 @@ def run_timeline(result: TriageResult, params: dict[str, Any]) -> None:
         get_run_logger().warning("incident timeline: %s", t.summary)
 
 
-@flow(name=FLOW_NAME, flow_run_name=_run_name)
+@flow(name=FLOW_NAME, flow_run_name=keep_typed_name(_run_name))
 @describe_parameters
 def worker_failure_triage(
-    dry_run: Annotated[bool, Field(description="Only publish the plan; run nothing.")] = True,
-    alertname: Annotated[str | None, Field(max_length=200, description="The alert that started this, if any.")] = None,
-    check_mcp: Annotated[bool, Field(description="Health-check the MCP server.")] = True,
-    check_llm: Annotated[bool, Field(description="Look at recent LLM step failures per model.")] = True,
-    stuck_older_than_minutes: Annotated[int, Field(ge=1, le=10_080, description="Runs `running` longer are stuck.")] = 30,
-    hang_min_idle_ms: Annotated[int | None, Field(ge=0, description="Hang suspect: consumer silent this long.")] = None,
-    backlog_threshold: Annotated[int | None, Field(ge=0, description="Lag above which to add workers.")] = None,
+    dry_run: Annotated[bool, Field(title="Dry run", description="Only publish the plan; run nothing.")] = True,
+    alertname: Annotated[str | None, Field(max_length=200, title="Alert name",
+                                           description="The alert that started this, if any.")] = None,
+    check_mcp: Annotated[bool, Field(title="Check the MCP server", description="Health-check the MCP server.")] = True,
+    check_llm: Annotated[bool, Field(title="Check LLM failures",
+                                     description="Look at recent LLM step failures per model.")] = True,
+    stuck_older_than_minutes: Annotated[int, Field(ge=1, le=10_080, title="Runs stuck after (min)",
+                                                   description="Runs `running` longer than this are stuck.")] = 30,
+    hang_min_idle_ms: Annotated[int | None, Field(ge=0, title="Hang suspect after (ms)",
+                                                  description="A consumer silent this long while holding entries "
+                                                  "is a hang suspect."), Setting("hang_min_idle_ms")] = None,
+    backlog_threshold: Annotated[int | None, Field(ge=0, title="Add workers above (steps)",
+                                                   description="Lag above which triage plans a scale-up."),
+                                 Setting("triage_backlog_threshold")] = None,
     subflow_parameters: Annotated[
         dict[str, dict[str, Any]] | None,
-        Field(description="Extra parameters per planned flow, e.g. {\"worker-hang-recovery\": {\"samples\": 3}}; "
+        Field(title="Parameters per planned flow",
+              description="Extra parameters per planned flow, e.g. {\"worker-hang-recovery\": {\"samples\": 3}}; "
                           "also for the last step, e.g. {\"incident-timeline\": {\"lookback_minutes\": 5}}."),
     ] = None,
-    stop_on_failure: Annotated[bool, Field(description="Stop the plan at the first failing step.")] = False,
-    timeline: Annotated[bool, Field(description="End with the incident timeline of this run (report and "
-                                               "postmortem markdown file).")] = True,
+    stop_on_failure: Annotated[bool, Field(title="Stop on failure",
+                                           description="Stop the plan at the first failing step.")] = False,
+    timeline: Annotated[bool, Field(title="Incident timeline", description="End with the incident timeline of this "
+                                    "run (report and postmortem markdown file).")] = True,
 ) -> TriageResult:
     """Observe pods, queue, runs, MCP and LLM once; plan the recoveries; publish the plan; run every step."""
     settings = get_settings()
@@ -270,9 +279,9 @@ def worker_failure_triage(
         # decide (pure), and publish the plan before anything runs
         result.plan = plan_triage(
             obs=obs, consumer_for_pod=settings.consumer_for_pod,
-            hang_min_idle_ms=settings.hang_min_idle_ms if hang_min_idle_ms is None else hang_min_idle_ms,
+            hang_min_idle_ms=setting(hang_min_idle_ms, settings, "hang_min_idle_ms"),
             hang_max_cpu_millicores=settings.hung_cpu_millicores,
-            backlog_threshold=settings.triage_backlog_threshold if backlog_threshold is None else backlog_threshold,
+            backlog_threshold=setting(backlog_threshold, settings, "triage_backlog_threshold"),
             max_replicas=settings.max_replicas,
         )
         rows = plan_rows(result.plan)

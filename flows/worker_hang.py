@@ -159,9 +159,11 @@ def worker_hang_recovery(
         replaced = [w for w in result.workers if w.pod_deleted]
         if replaced:
             result.lag_after = lag_samples(settings=settings, count=verify_samples, interval_s=verify_interval_s)
-            result.lag_falling = lag_falling([decision.lag_series[-1], *result.lag_after])
+            result.lag_falling = lag_falling([decision.lag_series[-1], *result.lag_after],
+                                             normal=settings.post_check_max_queue_depth)
             snap = queue.inspect_queue_task(settings=settings)
-            lags = f"lag before {decision.lag_series[-1]}, after {', '.join(map(str, result.lag_after))}"
+            lags = (f"lag before {decision.lag_series[-1]}, after {', '.join(map(str, result.lag_after))} (normal: "
+                    f"<= {settings.post_check_max_queue_depth}, FD_POST_CHECK_MAX_QUEUE_DEPTH)")
             for w in replaced:
                 result.check(REPLACEMENT_READY, w.replacement is not None, f"{w.replacement} Ready"
                              if w.replacement else f"none Ready within {ctx.timeout_s:g} s", target=w.pod)

@@ -172,9 +172,8 @@ def approve(result: RecoveryResult, ask: Ask, *, settings: Settings, dry_run: bo
     result.note("decided", f"Awaiting approval: {ask.plan} ({ask.rule}). Approve or reject it with the flow run's "
                 f"Resume form within {timeout_s:g} s.")
     # the plan: the result so far, blocked on the person (its own artifact: the run's report keeps its key)
-    publish(result.model_copy(update={"title": f"Awaiting approval — {result.title}",
-                                      "blocked": f"awaiting a person's approval: {ask.plan}"}),
-            key=plan_key(key or result.flow))
+    publish(result.model_copy(update={"title": f"Awaiting approval — {result.title}"}),
+            key=plan_key(key or result.flow), waiting_for=f"a person's approval: {ask.plan}")
     _event(REQUESTED_EVENT, result, ask, {"timeout_s": timeout_s})
     record = wait_for_person(ask, plan=plan_key(key or result.flow), settings=settings)
     if "approval" in type(result).model_fields:
@@ -229,8 +228,10 @@ def carry_on_after_timeout() -> None:
 
 
 def _event(action: str, result: RecoveryResult, ask: Ask, extra: dict[str, object]) -> None:
+    from prefect.runtime import flow_run
+
     from tasks.events import emit_recovery_event
 
     emit_recovery_event(action=action, resource_id=f"recovery.{result.flow}", payload={
-        "flow": result.flow, "action": ask.action, "target": ask.target, "count": ask.count, "plan": ask.plan,
-        "rule": ask.rule, **extra})
+        "flow": result.flow, "flow_run_id": flow_run.get_id(), "action": ask.action, "target": ask.target,
+        "count": ask.count, "plan": ask.plan, "rule": ask.rule, **extra})

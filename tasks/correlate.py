@@ -331,9 +331,10 @@ def lag_growing(series: Sequence[int]) -> bool:
     return len(series) >= 2 and series[-1] > series[0] and all(b >= a for a, b in zip(series, series[1:], strict=False))
 
 
-def lag_falling(series: Sequence[int]) -> bool:
-    """Lag is falling (or gone): the last sample is zero or below the first."""
-    return bool(series) and (series[-1] == 0 or (len(series) >= 2 and series[-1] < series[0]))
+def lag_falling(series: Sequence[int], *, normal: int = 0) -> bool:
+    """Lag is falling or back to normal: the last sample is at most ``normal`` (what the workers keep in flight
+    under a steady load: 0 -> 1 is not a backlog) or below the first."""
+    return bool(series) and (series[-1] <= normal or (len(series) >= 2 and series[-1] < series[0]))
 
 
 def decide_hang(

@@ -60,12 +60,13 @@ def _block(block: Block) -> str:
 _MARK = {True: "✅", False: "❌"}
 
 
-def render(result: RecoveryResult) -> str:
-    """The report of one run: outcome first (with its cause when not green), then the four sections."""
+def render(result: RecoveryResult, *, waiting_for: str | None = None) -> str:
+    """The report of one run: outcome first (with its cause when not green), then the four sections.
+    ``waiting_for``: the run has no outcome yet, it waits (e.g. for a person's approval) — said instead."""
     outcome = result.outcome
-    head = [f"# {scrub(result.title)}", "", f"**Outcome: {outcome.value}**"
-            + (f" — {scrub(result.cause())}" if outcome not in (Outcome.RECOVERED, Outcome.NOTHING_TO_DO) else "")
-            + f" · {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC"]
+    status = (f"**Status: waiting for {scrub(waiting_for)}**" if waiting_for else f"**Outcome: {outcome.value}**"
+              + (f" — {scrub(result.cause())}" if outcome not in (Outcome.RECOVERED, Outcome.NOTHING_TO_DO) else ""))
+    head = [f"# {scrub(result.title)}", "", status + f" · {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC"]
     done = [{"action": a.kind, "target": a.target, "status": a.status.value,
              "count": "" if a.count is None else a.count, "detail": a.detail} for a in result.actions]
     verified = [{"check": c.name, "ok": _MARK[c.ok], "evidence": c.detail} for c in result.checks]
@@ -83,13 +84,14 @@ def render(result: RecoveryResult) -> str:
     return "\n".join(head + body) + "\n"
 
 
-def publish(result: RecoveryResult, *, key: str | None = None) -> str:
+def publish(result: RecoveryResult, *, key: str | None = None, waiting_for: str | None = None) -> str:
     """Create (or update) the run's keyed markdown artifact from its result; return the markdown."""
     from prefect.artifacts import create_markdown_artifact
 
-    markdown = render(result)
+    markdown = render(result, waiting_for=waiting_for)
+    status = f"waiting for {waiting_for}" if waiting_for else result.outcome.value
     create_markdown_artifact(key=artifact_key(key or result.flow), markdown=markdown,
-                             description=f"{result.title}: {result.outcome.value}")
+                             description=f"{result.title}: {scrub(status)}")
     return markdown
 
 
@@ -135,7 +137,8 @@ def outcome_event(result: RecoveryResult, *, flow_run_id: str | None, flow_run_n
     """Pure: the ``ferrumdeck.recovery.outcome`` event of a run (keyword arguments of ``emit_event``).
 
     Resource ``ferrumdeck.recovery.<flow>`` with labels ``ferrumdeck.flow`` / ``.outcome`` / ``.target`` /
-    ``.dry-run`` (what automations match on); related: the flow run; payload: outcome, one-line cause, flow run id.
+    ``.dry-run`` (what automations match on); related: the flow run; payload: outcome, one-line cause, flow run id,
+    and who approved or rejected its plan when a person was asked.
     """
     outcome = result.outcome.value
     counts: dict[str, int] = {}
@@ -145,6 +148,7 @@ def outcome_event(result: RecoveryResult, *, flow_run_id: str | None, flow_run_n
     if flow_run_id:
         related.append({"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run",
                         **({"prefect.resource.name": flow_run_name} if flow_run_name else {})})
+    approval = getattr(result, "approval", None)  # tasks.approval.ApprovalRecord, on the flows that ask
     return {
         "event": OUTCOME_EVENT,
         "resource": {
@@ -163,6 +167,8 @@ def outcome_event(result: RecoveryResult, *, flow_run_id: str | None, flow_run_n
             "title": scrub(result.title),
             "actions": counts,
             "checks": {"passed": sum(c.ok for c in result.checks), "failed": len(result.failed_checks)},
+            **({"approval": {"decision": approval.decision, "approver": approval.approver,
+                             "reason": scrub(approval.reason)[:500]}} if approval is not None else {}),
         },
     }
 

@@ -104,13 +104,15 @@ def report(run: FlowRun, key: str) -> str:
     return found[0].data
 
 
-def approval_events(run: FlowRun, *, want: set[str]) -> dict[str, list[dict]]:
-    """The ``ferrumdeck.recovery.approval*`` events about this flow run (stored asynchronously: polled)."""
+def approval_events(run: FlowRun, *, want: set[str], prefix: str = "ferrumdeck.recovery.approval"
+                    ) -> dict[str, list[dict]]:
+    """The ``ferrumdeck.recovery.approval*`` (or ``prefix``) events about this flow run (stored asynchronously:
+    polled)."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 
     body = {"filter": {"related": {"id": [f"prefect.flow-run.{run.id}"]},
-                       "event": {"prefix": ["ferrumdeck.recovery.approval"]}, "order": "ASC"}, "limit": 20}
+                       "event": {"prefix": [prefix]}, "order": "ASC"}, "limit": 20}
 
     def fetch() -> dict[str, list[dict]] | None:
         r = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10)
@@ -178,6 +180,7 @@ def test_an_approved_plan_acts_once_and_names_who_approved(env, cluster, redis):
         # while it waits: the plan is published, nothing has changed
         plan = report(run, "worker-crash-recovery-plan")
         assert "Awaiting approval: delete 1 worker pod: " + a in plan and "FD_APPROVAL_POD_DELETIONS = 0" in plan
+        assert "Status: waiting for a person's approval" in plan and "not_verified" not in plan  # no outcome yet
         assert deletions(cluster) == [] and queue_state(redis, s) == before
         keys = {"schema": "paused-approval-delete-pod-schema", "description": "paused-approval-delete-pod-description"}
         form = read_flow_run_input(keys["schema"], flow_run_id=run.id)
@@ -204,6 +207,10 @@ def test_an_approved_plan_acts_once_and_names_who_approved(env, cluster, redis):
     [decided] = events["ferrumdeck.recovery.approval"]
     assert decided["payload"]["approver"] == "alice" and decided["payload"]["decision"] == "approved"
     assert decided["resource"]["prefect.resource.id"] == "ferrumdeck.recovery.worker-crash-recovery"
+    [outcome] = approval_events(run, want={"ferrumdeck.recovery.outcome"}, prefix="ferrumdeck.recovery.outcome")[
+        "ferrumdeck.recovery.outcome"]
+    assert outcome["payload"]["approval"] == {"decision": "approved", "approver": "alice",
+                                              "reason": "one pod, known crash"}
 
 
 def test_a_rejected_plan_changes_nothing_and_says_who_refused(env, cluster, redis):

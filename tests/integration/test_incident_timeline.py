@@ -142,9 +142,9 @@ def drill(s, server, cluster, redis) -> dict:
     post_watcher_event(Condition.CRASH_LOOPING, role="mcp", pod=mcp_pod, repeat=1)
     server.outage(current_pods=[mcp_pod])
     mcp = mcp_server_recovery(dry_run=False, attempts=2, deadline_s=15, return_state=True)
-    idle = queue_sweep(dry_run=False, delete_idle_consumers_ms=None, return_state=True)
+    idle = queue_sweep(dry_run=False, delete_idle_consumers=False, return_state=True)
     steps = seed_pending(redis, s, consumer="worker-gone", n=3, tag="tl", redeliver={0: 2})
-    sweep = queue_sweep(dead_consumers=["worker-gone"], dry_run=False, delete_idle_consumers_ms=None,
+    sweep = queue_sweep(dead_consumers=["worker-gone"], dry_run=False, delete_idle_consumers=False,
                         return_state=True)
     assert [st.is_completed() for st in (mcp, idle, sweep)] == [True, True, True]
     state = queue_state(redis, s)
@@ -165,7 +165,7 @@ def test_a_drilled_incident_in_order_with_links_counts_mttr_and_the_postmortem_f
     d = drill(s, server, cluster, redis)
     path = tmp_path / "postmortem.md"
 
-    state = incident_timeline(since=since, path=str(path), return_state=True)
+    state = incident_timeline(since=since.isoformat(), path=str(path), return_state=True)
 
     assert state.is_completed()
     result = state.result()
@@ -207,7 +207,7 @@ def test_without_persisted_results_states_and_events_stand_in_and_caps_are_said(
     since = datetime.now(UTC)
     d = drill(s, server, cluster, redis)
 
-    result = incident_timeline(since=since)
+    result = incident_timeline(since=since.isoformat())
 
     t = result.timeline
     assert [(r.flow, r.outcome, r.typed) for r in t.runs] == [(MCP, Outcome.RECOVERED, False),
@@ -218,7 +218,7 @@ def test_without_persisted_results_states_and_events_stand_in_and_caps_are_said(
     assert t.mttr_s is not None and t.first_signal_at is not None
     assert Path(result.markdown_path).parent == tmp_path / "incidents" and Path(result.markdown_path).is_file()
 
-    capped = incident_timeline(since=since, max_events=2, max_runs=1)
+    capped = incident_timeline(since=since.isoformat(), max_events=2, max_runs=1)
     assert [r.flow_run_id for r in capped.timeline.runs] == [run_id(d["mcp"])]
     assert capped.timeline.events_read == 2 and len(capped.timeline.truncated) == 2
     assert "read the first 2 of" in capped.timeline.truncated[0]
@@ -247,5 +247,5 @@ def test_a_flow_run_sets_the_window_and_an_empty_window_is_refused(incident, clu
     assert [r.flow_run_id for r in about.timeline.runs] == [run_id(d["mcp"])]  # the window is that run
     assert about.since >= since
 
-    state = incident_timeline(since=datetime.now(UTC), until=since, return_state=True)
+    state = incident_timeline(since=datetime.now(UTC).isoformat(), until=since.isoformat(), return_state=True)
     assert state.is_failed() and "the window is empty" in state.result(raise_on_failure=False).error

@@ -214,6 +214,39 @@ def test_a_notification_endpoint_that_is_down_does_not_fail_the_recovery(notify_
         remove_automations(down)
 
 
+@flow(name=TEST_FLOW, flow_run_name="approval {target}")
+def gated_recovery(target: str, settings: Settings) -> RecoveryResult:
+    """Would delete one pod, which these settings put above the approval threshold: it pauses for a person."""
+    from tasks.approval import approve, pod_deletions
+
+    with recording(RecoveryResult(flow=TEST_FLOW, title="Approval notification test")) as result:
+        if approve(result, pod_deletions(settings, [target]), settings=settings, dry_run=False):
+            result.act("delete-pod", target, ActionStatus.DONE)
+    return conclude(result)
+
+
+def test_a_recovery_waiting_for_approval_notifies_with_its_plan_and_the_run_to_resume(notify_settings, receiver):
+    """Nobody answers (1 s): the person was told what waits, why and where; the refusal notifies too."""
+    apply_notifications(notify_settings)
+    wait_until_live(receiver)
+    pod = f"worker-{uuid.uuid4().hex[:6]}"
+    gate = notify_settings.model_copy(update={"approval_pod_deletions": 0, "approval_timeout_s": 1.0,
+                                              "approval_poll_s": 0.2})
+    state = gated_recovery(target=pod, settings=gate, return_state=True)
+    assert state.is_completed() and state.result().outcome is Outcome.REFUSED  # nothing changed
+    run_id = state.state_details.flow_run_id
+    asked = wait_for(lambda: [b for b in receiver.about(pod) if "waits for your approval" in b["subject"]],
+                     timeout=30, what="the approval notification")
+    [body] = asked
+    assert body["subject"] == f"FerrumDeck recovery waits for your approval: {TEST_FLOW} — delete 1 worker pod: {pod}"
+    assert "Why a person is asked: 1 pod > FD_APPROVAL_POD_DELETIONS = 0" in body["text"]
+    assert "No answer within 1 s: rejected, nothing changes" in body["text"]
+    assert f"/runs/flow-run/{run_id}" in body["text"]
+    [refused] = wait_for(lambda: [b for b in receiver.about(pod) if "refused" in b["subject"]], timeout=30,
+                         what="the refused notification")
+    assert "Outcome: refused" in refused["text"] and f"/runs/flow-run/{run_id}" in refused["text"]
+
+
 def test_cli_applies_from_the_environment(monkeypatch, receiver, capsys):
     from deployments.cli import main
 
@@ -227,6 +260,7 @@ def test_cli_applies_from_the_environment(monkeypatch, receiver, capsys):
         assert f"block {prefix}-webhook: saved" in out
         assert f"automation '{prefix}: notify on recovery outcome': created" in out
         assert f"automation '{prefix}: notify on crashed recovery run': updated" in out
+        assert f"automation '{prefix}: notify when a recovery waits for approval': updated" in out
         assert receiver.url not in out
     finally:
         remove_automations(Settings(notify_name_prefix=prefix))

@@ -194,7 +194,7 @@ def test_triage_ends_with_the_incident_timeline_of_its_run(env, cluster, redis, 
     stored({"ferrumdeck.alert.firing": 1}, since=since)
     with persisting(tmp_path / "results"), ReplacementConsumer(cluster, s, known=worker_pods(cluster, s, ready_only=False)):
         state = worker_failure_triage(dry_run=False, check_mcp=False, alertname="WorkerOutOfMemory", return_state=True,
-                                      subflow_parameters={CRASH: {"verify_consuming_s": 15}, TIMELINE: {"since": since}})
+                                      subflow_parameters={CRASH: {"verify_consuming_s": 15}, TIMELINE: {"since": since.isoformat()}})
 
     result = state.result()
     assert state.is_completed() and result.outcome is Outcome.RECOVERED  # the timeline changes no outcome

@@ -269,6 +269,12 @@ def test_hang_without_lag_requirement_and_unknown_pod():
         decide_hang(samples=[], consumer_for_pod=ident, min_idle_ms=1, max_cpu_millicores=1)
 
 
+def test_a_lag_back_to_normal_counts_as_falling():
+    """Under a steady load the lag wobbles (0 -> 1): at or under the normal depth is not a backlog."""
+    assert lag_falling([0, 0, 1], normal=100) and lag_falling([0, 1, 0]) and lag_falling([50, 40])
+    assert not lag_falling([0, 0, 1]) and not lag_falling([0, 101, 101], normal=100) and not lag_falling([])
+
+
 @given(st.lists(st.integers(min_value=0, max_value=1000), min_size=0, max_size=8))
 def test_lag_growing_and_falling_are_exclusive(series):
     assert not (lag_growing(series) and lag_falling(series) and series[-1] != 0)

@@ -154,8 +154,12 @@ def test_commands_are_fd_recovery_subcommands_and_the_runner_uses_the_rbac_servi
     build_parser().parse_args(["bridge"])  # a real subcommand
     assert bridge["automountServiceAccountToken"] is False
     runner = find("Deployment", "ferrumdeck-recovery-runner")["spec"]
-    assert runner["replicas"] == 1 and runner["strategy"]["type"] == "Recreate"
+    # two replicas rolling: one always serves, and a dead one's runs are re-run by the other (issue 11)
+    assert runner["replicas"] >= 2 and runner["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = runner["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    # the typed results incident-timeline reads are kept (flows only)
+    assert env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true" and env["PREFECT_TASKS_DEFAULT_PERSIST_RESULT"] == "false"
     assert pod["containers"][0]["command"] == ["fd-recovery", "serve"]
     account = pod["serviceAccountName"]
     assert find("ServiceAccount", account)  # from rbac.yaml

@@ -92,9 +92,6 @@ def test_the_ui_form_describes_every_parameter(spec):
 
 # ------------------------------------------------------------------ the form a person fills in (issue 13, item 5)
 
-#: flows still converted by others while this was written (flows/_ui.Setting + titles): remove as they land
-FORM_NOT_YET = {"queue-sweep", "worker-failure-triage", "incident-timeline"}
-FORM_SPECS = [s for s in SPECS if s["name"] not in FORM_NOT_YET]
 
 
 def _form(spec) -> dict:
@@ -103,7 +100,7 @@ def _form(spec) -> dict:
     return parameter_schema(_flow(spec)).model_dump()["properties"]
 
 
-@pytest.mark.parametrize("spec", FORM_SPECS, ids=[s["name"] for s in FORM_SPECS])
+@pytest.mark.parametrize("spec", SPECS, ids=[s["name"] for s in SPECS])
 def test_every_form_field_has_a_human_title_and_numbers_a_unit(spec):
     for name, prop in _form(spec).items():
         assert prop["title"] != name and prop["title"][:1].isupper() and "_" not in prop["title"], (name, prop)
@@ -111,7 +108,7 @@ def test_every_form_field_has_a_human_title_and_numbers_a_unit(spec):
             assert prop["title"].rstrip().endswith(")"), f"{name}: the unit goes in the title, e.g. 'Timeout (s)'"
 
 
-@pytest.mark.parametrize("spec", FORM_SPECS, ids=[s["name"] for s in FORM_SPECS])
+@pytest.mark.parametrize("spec", SPECS, ids=[s["name"] for s in SPECS])
 def test_no_field_is_a_type_switch_and_each_setting_shows_its_effective_default(spec):
     from flows._ui import form_fields
     from tasks.settings import get_settings

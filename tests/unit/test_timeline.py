@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prefect.events.schemas.events import ReceivedEvent
 
-from flows.incident_timeline import FLOW_NAME, our_flows, pick_window, prefill_checklist
+from flows.incident_timeline import FLOW_NAME, our_flows, parse_when, pick_window, prefill_checklist
 from flows.mcp_recovery import McpRecovery
 from flows.post_recovery_check import PostRecoveryCheck
 from flows.queue_sweep import QueueSweep
@@ -293,6 +293,14 @@ def test_windows_paths_and_links():
     assert ui_url_from(ui_url=None, api_url="http://127.0.0.1:4200/api") == "http://127.0.0.1:4200"
     assert ui_url_from(ui_url="https://ui.example/", api_url="x") == "https://ui.example"
     assert ui_url_from(ui_url=None, api_url=None) is None
+
+
+def test_the_form_times_are_iso_text_naive_meaning_utc_and_a_bad_one_names_its_field():
+    assert parse_when(None, name="since") is None and parse_when("  ", name="since") is None
+    assert parse_when("2026-12-05T03:10", name="since") == datetime(2026, 12, 5, 3, 10, tzinfo=UTC)
+    assert parse_when("2026-12-05 04:10:00+01:00", name="since") == datetime(2026, 12, 5, 3, 10, tzinfo=UTC)
+    with pytest.raises(TimelineError, match="until: 'yesterday' is not a time"):
+        parse_when("yesterday", name="until")
 
 
 def test_the_timeline_reads_every_deployed_flow_but_itself():
