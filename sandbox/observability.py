@@ -533,13 +533,44 @@ class Observability:
         return self._get(f"{self.prometheus_url}/api/v1/targets", state="active")["activeTargets"]
 
     def problems(self) -> list[str]:
-        """What keeps the loop from working, in words: targets down (with Prometheus' error), no Alertmanager."""
+        """What keeps the loop from working, in words (never raises): Prometheus not answering, targets down
+        (with Prometheus' error), a redis exporter that cannot reach Redis, no Alertmanager or one Prometheus
+        cannot reach (checked on its URL, and by Prometheus' own count of failed notifications)."""
+        try:
+            targets = self.targets()
+            unreachable_redis = self.query("redis_up == 0")
+            managers = self._get(f"{self.prometheus_url}/api/v1/alertmanagers").get("activeAlertmanagers", [])
+        except ObservabilityError as e:
+            return [f"Prometheus does not answer: {e}"]
         out = [f"{t['labels'].get('job')} target {t['scrapeUrl']} is {t['health']}: {t.get('lastError') or 'not scraped yet'}"
-               for t in self.targets() if t["health"] != "up"]
-        managers = self._get(f"{self.prometheus_url}/api/v1/alertmanagers")
-        if not managers.get("activeAlertmanagers"):
+               for t in targets if t["health"] != "up"]
+        out += [f"the redis exporter at {x['metric'].get('instance')} cannot reach Redis (redis_up 0)"
+                for x in unreachable_redis]
+        if not managers:
             out.append("Prometheus has no active Alertmanager")
+        for manager in managers:
+            base = manager["url"].split("/api/")[0]
+            try:
+                httpx.get(f"{base}/-/ready", timeout=2).raise_for_status()
+            except httpx.HTTPError as e:
+                out.append(f"Prometheus cannot reach Alertmanager {base}: {type(e).__name__}: {e}")
+        failed = self._notification_errors()
+        if failed:
+            out.append(f"Prometheus failed {failed:g} times to send alerts to Alertmanager "
+                       f"(prometheus_notifications_errors_total; its log: {self.components['prometheus'].log_path})")
         return out
+
+    def _notification_errors(self) -> float:
+        """Prometheus' own count of notifications it could not send (0 when it cannot be read)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            text = httpx.get(f"{self.prometheus_url}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return 0.0
+        return sum(sample.value for family in text_string_to_metric_families(text)
+                   if family.name == "prometheus_notifications_errors" for sample in family.samples
+                   if sample.name == "prometheus_notifications_errors_total")
 
     def wait_until_scraped(self, *, timeout_s: float = 30.0) -> list[dict]:
         """Wait until every target has been scraped and is up; returns the targets."""

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import redis as redis_lib
 import sqlalchemy as sa
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
@@ -299,3 +300,37 @@ def test_observability_stop_ends_every_process(loop, tmp_path: Path):
     obs.stop()
     obs.stop()
     assert all(p.poll() is not None for p in procs)
+
+
+def test_an_exporter_that_is_down_and_an_alertmanager_out_of_reach_are_named_and_nothing_crashes(tmp_path: Path):
+    """A second loop whose redis exporter watches a Redis that is not there, is then killed, and whose
+    Alertmanager is killed: Prometheus goes on, ``problems()`` names each in words, and the recovery system's
+    RecoveryDetectionBlind expression (real Prometheus, real exporter output) names the blind source."""
+    from sandbox.observability import PROMETHEUS_DIR, free_port
+
+    rules = yaml.safe_load((PROMETHEUS_DIR / "recovery-system-alerts.yaml").read_text())
+    [blind] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r["alert"] == "RecoveryDetectionBlind"]
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    obs = Observability.start(profile=FAST, redis_url=nowhere, streams=["fdtest:nowhere:steps"], state_dir=tmp_path)
+    try:
+        def problems_with(text: str) -> list[str]:
+            return [p for p in obs.problems() if text in p]
+
+        [unreachable] = wait_for(lambda: problems_with("cannot reach Redis"), timeout=ALERT_S, what="redis_up 0")
+        assert obs.components["redis_exporter"].address in unreachable
+        sources = {x["metric"]["source"] for x in obs.query(blind)}
+        assert "redis_exporter (Redis unreachable)" in sources and "redis_exporter (the step stream)" in sources
+
+        obs.components["redis_exporter"].popen.kill()
+        [down] = wait_for(lambda: problems_with("redis target"), timeout=ALERT_S, what="the exporter's target down")
+        assert "is down" in down and "connection refused" in down
+
+        obs.components["alertmanager"].popen.kill()
+        [cut] = wait_for(lambda: problems_with("cannot reach Alertmanager"), timeout=ALERT_S, what="Alertmanager gone")
+        assert obs.components["alertmanager"].url in cut
+        # FerrumDeckHeartbeat always fires: Prometheus keeps trying to send it, and counts its failures
+        wait_for(lambda: problems_with("failed"), timeout=ALERT_S, what="Prometheus' failed notifications")
+        assert obs.query("vector(1)")[0]["value"][1] == "1"  # Prometheus itself goes on
+    finally:
+        obs.stop()
+    assert all(not c.alive() for c in obs.components.values())

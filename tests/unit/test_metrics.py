@@ -313,7 +313,7 @@ def test_system_rules_cover_the_issue_and_page_a_person_not_the_bridge():
     rules = system_rules()
     assert set(rules) == {"RecoveryFailing", "RecoveryKillSwitchOn", "RecoveryBudgetExhausted",
                           "RecoveryBridgeRejecting", "RecoveryRunnerNoHeartbeat", "RecoveryAlertingNoHeartbeat",
-                          "RecoverySystemDown"}
+                          "RecoverySystemDown", "RecoveryDetectionBlind"}
     for name, rule in rules.items():
         assert rule["labels"]["team"] == "ferrumdeck-recovery", name  # team=ferrumdeck would start a triage
         assert rule["labels"]["severity"] in {"critical", "warning"}
@@ -321,11 +321,14 @@ def test_system_rules_cover_the_issue_and_page_a_person_not_the_bridge():
     assert rules["RecoveryKillSwitchOn"]["for"] == "1h"
 
 
-def test_system_rules_use_only_metrics_we_serve_and_prometheus_up():
+def test_system_rules_use_only_metrics_we_serve_prometheus_up_and_the_detection_sources():
+    from sandbox.observability import RULES as DETECTION_RULES
     from sandbox.observability import rule_metric_names
 
     used = rule_metric_names(RULES.read_text())
-    assert used - {"up"} <= served_metric_names()
+    # RecoveryDetectionBlind reads the sources of the recovery alerts (and the redis exporter's own redis_up)
+    sources = rule_metric_names(Path(DETECTION_RULES).read_text()) | {"redis_up"}
+    assert used - {"up"} <= served_metric_names() | sources
     header = "\n".join(line for line in RULES.read_text().splitlines() if line.startswith("#"))
     assert all(name in header for name in used)  # the header says who serves each
 
@@ -364,3 +367,20 @@ def test_promtool_tests_catch_a_wrong_rule(tmp_path, original, mutated, alert):
     out = subprocess.run([PROMTOOL, "test", "rules", RULE_TESTS.name], cwd=tmp_path, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode != 0 and f"alertname: {alert}" in out.stdout + out.stderr
+
+
+def test_alertmanager_pages_a_person_for_the_system_alerts_and_sends_the_rest_to_the_bridge():
+    """Checked by Debian's amtool against the shipped alertmanager.yaml (real route matching, not a re-parse)."""
+    amtool = shutil.which("amtool")
+    assert amtool, "amtool (Debian prometheus-alertmanager) is needed: make peers"
+    config = RULES_DIR / "alertmanager.yaml"
+
+    def receiver(**labels: str) -> str:
+        out = subprocess.run([amtool, "config", "routes", "test", f"--config.file={config}",
+                              *(f"{k}={v}" for k, v in labels.items())], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    for alert in system_rules():
+        assert receiver(team="ferrumdeck-recovery", alertname=alert) == "ferrumdeck-recovery-oncall", alert
+    assert receiver(team="ferrumdeck", alertname="WorkerCrashLooping", pod="worker-1") == "ferrumdeck-bridge"
