@@ -30,10 +30,14 @@ PG_ADMIN_URL = os.environ.get("FD_TEST_PG_URL", "postgresql+psycopg://postgres@1
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
-    """One temporary Prefect API (SQLite) for the whole session: starting one costs ~7 s."""
+    """One temporary Prefect API (SQLite) for the whole session: starting one costs ~7 s. Flow-run heartbeats
+    off, as ``fd-recovery serve`` runs its flows (``deployments.inprocess_runner.NO_HEARTBEATS``)."""
+    from prefect.settings import temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    from deployments.inprocess_runner import NO_HEARTBEATS
+
+    with prefect_test_harness(server_startup_timeout=60), temporary_settings(updates=NO_HEARTBEATS):
         yield
 
 
