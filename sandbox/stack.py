@@ -259,6 +259,9 @@ class Stack:
             "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
             "PREFECT_LOGGING_LEVEL": "INFO",
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            # a recovery queued behind the previous run of its deployment is proposed again after 5 s, not 30
+            # (the README recommends the same for production: a wave of crashes is recovered 5 s apart)
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "5",
             "PYTHONUNBUFFERED": "1",
             # flow results are kept (tasks' are not, as in production), so a drill reads the typed outcome
             "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
