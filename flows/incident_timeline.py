@@ -133,11 +133,11 @@ def _utc(at: datetime | None) -> datetime | None:
 UUID_OR_EMPTY = r"^([0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12})?$"
 
 
-def parse_when(text: str | datetime | None, *, name: str) -> datetime | None:
+def parse_when(text: str | None, *, name: str) -> datetime | None:
     """Pure: a form's time text (ISO 8601; naive = UTC) as a datetime, None when empty; a bad one is a clear
     error naming the field."""
-    if isinstance(text, datetime) or not text or not text.strip():
-        return _utc(text) if isinstance(text, datetime) else None
+    if not text or not text.strip():
+        return None
     try:
         return _utc(TypeAdapter(datetime).validate_python(text.strip()))
     except ValidationError:
