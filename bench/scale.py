@@ -587,13 +587,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     RoundTrips.install()
     hexid = uuid.uuid4().hex[:8]
     started = time.perf_counter()
+    from prefect.settings import temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
+    from deployments.inprocess_runner import NO_HEARTBEATS
     from sandbox.kube import SandboxCluster
 
+    # the flows run as `fd-recovery serve` runs them: without Prefect's flow-run heartbeats
     with private_redis(args.redis_url) as redis_url, private_database() as db_url, \
-            prefect_test_harness(server_startup_timeout=120), SandboxCluster.start(port=0) as cluster, \
-            stub_gateway() as gateway:
+            prefect_test_harness(server_startup_timeout=120), temporary_settings(updates=NO_HEARTBEATS), \
+            SandboxCluster.start(port=0) as cluster, stub_gateway() as gateway:
         client = redis.Redis.from_url(redis_url, decode_responses=True)
         envs: dict[str, Env] = {}
         for name in ("small", "large"):
