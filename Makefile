@@ -49,4 +49,4 @@ demo: install
 	$(PY) -m deployments.demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) .fd-demo
+	rm -rf $(VENV) .fd-demo .fd-demo-*
