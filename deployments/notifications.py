@@ -125,46 +125,34 @@ def notification_automations(settings: Settings, block_ids: list[UUID], *, base_
 
     names = automation_names(settings)
     outcomes = ", ".join(settings.notify_outcomes)
-    outcome_body, crashed_body, approval_body = (body.replace("{ui_url}", base_url)
-                                                 for body in (OUTCOME_BODY, CRASHED_BODY, APPROVAL_BODY))
     blocks = f"{len(block_ids)} notification block(s)"
-    outcome = AutomationCore(
-        name=names["outcome"],
-        description=f"A recovery ended {outcomes}: send its target, outcome, one-line cause and a link to its run "
-        f"to {blocks} ({', '.join(block_names(settings).values())} when configured). "
-        f"Managed by `fd-recovery notifications apply`.",
-        trigger=EventTrigger(
-            expect={OUTCOME_EVENT},
-            match={"prefect.resource.id": "ferrumdeck.recovery.*", "ferrumdeck.outcome": list(settings.notify_outcomes)},
-            posture=Posture.Reactive, threshold=1, within=timedelta(0),
-        ),
-        actions=[SendNotification(block_document_id=b, subject=OUTCOME_SUBJECT, body=outcome_body) for b in block_ids],
-    )
-    crashed = AutomationCore(
-        name=names["crashed"],
-        description=f"A recovery's flow run (tag `{CRASH_TAG}`) crashed before its report: send its parameters, the "
-        f"crash message and a link to the run to {blocks}. Managed by `fd-recovery notifications apply`.",
-        trigger=EventTrigger(
-            expect={CRASHED_EVENT},
-            match={"prefect.resource.id": "prefect.flow-run.*"},
-            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{CRASH_TAG}"},
-            posture=Posture.Reactive, threshold=1, within=timedelta(0),
-        ),
-        actions=[SendNotification(block_document_id=b, subject=CRASHED_SUBJECT, body=crashed_body) for b in block_ids],
-    )
-    approval = AutomationCore(
-        name=names["approval"],
-        description=f"A recovery paused for a person's approval (large blast radius, FD_APPROVAL_*): send the plan, "
-        f"why a person is asked, the deadline and a link to the paused run (its Resume form) to {blocks}. "
-        f"Managed by `fd-recovery notifications apply`.",
-        trigger=EventTrigger(
-            expect={APPROVAL_EVENT}, match={"prefect.resource.id": "ferrumdeck.recovery.*"},
-            posture=Posture.Reactive, threshold=1, within=timedelta(0),
-        ),
-        actions=[SendNotification(block_document_id=b, subject=APPROVAL_SUBJECT, body=approval_body)
-                 for b in block_ids],
-    )
-    return {names["outcome"]: outcome, names["crashed"]: crashed, names["approval"]: approval}
+
+    def notify(key: str, *, what: str, event: str, subject: str, body: str, **match: Any) -> AutomationCore:
+        """One automation: on ``event`` (reactive, each one), send ``subject``/``body`` through every block."""
+        return AutomationCore(
+            name=names[key], description=f"{what} to {blocks}. Managed by `fd-recovery notifications apply`.",
+            trigger=EventTrigger(expect={event}, posture=Posture.Reactive, threshold=1, within=timedelta(0), **match),
+            actions=[SendNotification(block_document_id=b, subject=subject, body=body.replace("{ui_url}", base_url))
+                     for b in block_ids],
+        )
+
+    automations = [
+        notify("outcome", event=OUTCOME_EVENT, subject=OUTCOME_SUBJECT, body=OUTCOME_BODY,
+               what=f"A recovery ended {outcomes}: send its target, outcome, one-line cause and a link to its run "
+               f"({', '.join(block_names(settings).values())} when configured)",
+               match={"prefect.resource.id": "ferrumdeck.recovery.*",
+                      "ferrumdeck.outcome": list(settings.notify_outcomes)}),
+        notify("crashed", event=CRASHED_EVENT, subject=CRASHED_SUBJECT, body=CRASHED_BODY,
+               what=f"A recovery's flow run (tag `{CRASH_TAG}`) crashed before its report: send its parameters, the "
+               f"crash message and a link to the run",
+               match={"prefect.resource.id": "prefect.flow-run.*"},
+               match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{CRASH_TAG}"}),
+        notify("approval", event=APPROVAL_EVENT, subject=APPROVAL_SUBJECT, body=APPROVAL_BODY,
+               what="A recovery paused for a person's approval (large blast radius, FD_APPROVAL_*): send the plan, "
+               "why a person is asked, the deadline and a link to the paused run (its Resume form)",
+               match={"prefect.resource.id": "ferrumdeck.recovery.*"}),
+    ]
+    return {a.name: a for a in automations}
 
 
 def _upsert_automation(client: Any, automation: Any) -> str:
