@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
-import sqlalchemy as sa
-
 from sandbox.drills import FlowRuns, post_alert, run_timeline
+from sandbox.scratch import scratch_database
 from sandbox.stack import Stack, wait_until
 
-PG_ADMIN_URL = os.environ.get("FD_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 POLL_S = 0.005  # how finely the remediation request is timed
 
 
@@ -74,24 +69,6 @@ def measure_one(stack: Stack, runs: FlowRuns, *, timeout_s: float) -> dict[str, 
             "flow_run_ended_s": timeline["ended"]}
 
 
-@contextmanager
-def scratch_database(*, enabled: bool) -> Iterator[str | None]:
-    """A fresh PostgreSQL database for the Prefect server (asyncpg URL), dropped afterwards; None if disabled."""
-    if not enabled:
-        yield None
-        return
-    name = f"fd_latency_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+asyncpg://{PG_ADMIN_URL.split('://', 1)[1].rsplit('/', 1)[0]}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def percentile(samples: list[float], q: float) -> float:
     """The q-th percentile (0..100) by linear interpolation."""
     ordered = sorted(samples)
@@ -113,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     overrides = {"pod_deletions_per_hour": 10 * (args.alerts + args.warmup), "target_cooldown_s": 1}
-    with tempfile.TemporaryDirectory(prefix="fd-latency-") as tmp, scratch_database(
-        enabled=args.prefect_db == "postgresql"
+    with tempfile.TemporaryDirectory(prefix="fd-latency-") as tmp, (
+        scratch_database(prefix="fd_latency", driver="asyncpg") if args.prefect_db == "postgresql" else nullcontext()
     ) as prefect_db, Stack.start(
         state_dir=args.state_dir or tmp, prefect_database_url=prefect_db,
         load_rate_per_s=2.0, settings_overrides=overrides,

@@ -19,7 +19,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,9 +36,10 @@ import redis
 from prefect import flow
 from prefect.runtime import flow_run as current_run
 
+from sandbox.scratch import free_port, scratch_database
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS_URL = os.environ.get("FD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-PG_ADMIN_URL = os.environ.get("FD_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 DEPLOYMENT = "claims"
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 _redis: dict[str, redis.Redis] = {}
@@ -99,38 +99,15 @@ def _runner_process(index: int, options: dict[str, Any], ready: Any, go: Any, st
     thread.join(90)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def scratch_postgres() -> Iterator[str]:
-    """A fresh PostgreSQL database for the Prefect server (asyncpg URL), dropped afterwards."""
-    import sqlalchemy as sa
-
-    name = f"fd_claims_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+asyncpg://{PG_ADMIN_URL.split('://', 1)[1].rsplit('/', 1)[0]}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @contextlib.contextmanager
 def prefect_server(database: str, home: Path) -> Iterator[str]:
     """``prefect server start`` on a free port with the given database (sqlite | postgresql); its API URL."""
     with contextlib.ExitStack() as stack:
         if database == "postgresql":
-            db_url = stack.enter_context(scratch_postgres())
+            db_url = stack.enter_context(scratch_database(prefix="fd_claims", driver="asyncpg"))
         else:
             db_url = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
-        port = _free_port()
+        port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.update(PREFECT_HOME=str(home), PREFECT_API_DATABASE_CONNECTION_URL=db_url,
                    PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING")

@@ -66,11 +66,11 @@ import sqlalchemy as sa  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
 from bench.queue_sweep import peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
+from sandbox.scratch import scratch_database  # noqa: E402
 from tasks import queue, runs  # noqa: E402
 from tasks.connections import db_engine, redis_client, reset_connections  # noqa: E402
 from tasks.settings import Settings, use_settings  # noqa: E402
 
-ADMIN_URL = os.environ.get("FD_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 CHUNK = 10_000
 PLACES = ("pending", "queued", "dlq", "nowhere")
 PER_PLACE = 25
@@ -131,20 +131,12 @@ def private_redis(url: str | None) -> Iterator[str]:
 
 @contextmanager
 def private_database() -> Iterator[str]:
-    """A PostgreSQL database of our own, dropped afterwards."""
-    name = f"fd_scale_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        reset_connections()
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                 "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    """A PostgreSQL database of our own (psycopg URL), dropped afterwards with our pooled connections closed."""
+    with scratch_database(prefix="fd_scale") as url:
+        try:
+            yield url
+        finally:
+            reset_connections()
 
 
 def stub_gateway() -> Any:

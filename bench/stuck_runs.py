@@ -31,18 +31,19 @@ flow_db_s, auto_project_s, auto_verify_s and raw_s (medians); slowdown_vs_raw, f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
 import statistics
 import sys
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from pydantic import SecretStr
 
+from sandbox.scratch import scratch_database
 from tasks import runs
 from tasks.connections import db_engine, reset_connections
 from tasks.settings import Settings
@@ -139,12 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < args.stuck <= args.runs:
         parser.error("need 0 < --stuck <= --runs")
 
-    name = f"fd_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with contextlib.ExitStack() as cleanup:
+        url = cleanup.enter_context(scratch_database(prefix="fd_bench", admin_url=ADMIN_URL))
+        cleanup.callback(reset_connections)  # first: our pooled connections closed before the database is dropped
         base = Settings(database_url=SecretStr(url))
         if args.batch_size:
             base = base.model_copy(update={"runs_batch_size": args.batch_size})
@@ -268,17 +266,6 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size": project.runs_batch_size,
             "build_s": round(build_s, 1),
         }
-    finally:
-        reset_connections()
-        with admin.connect() as conn:
-            conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"
-                ),
-                {"n": name},
-            )
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
     print(json.dumps(result), flush=True)
     return result
 

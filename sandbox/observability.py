@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,6 +37,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import yaml
+
+from sandbox.scratch import free_port
 
 PROMETHEUS_DIR = Path(__file__).resolve().parent.parent / "deployments" / "prometheus"
 RULES = PROMETHEUS_DIR / "ferrumdeck-alerts.yaml"
@@ -257,11 +258,6 @@ def prometheus_config(
 
 
 # --- processes ---
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
 
 @dataclass
 class Component:

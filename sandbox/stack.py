@@ -36,7 +36,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ from typing import Any, TextIO
 import httpx
 from pydantic import SecretStr
 
+from sandbox.scratch import free_port
 from tasks.settings import Settings
 
 log = logging.getLogger("sandbox.stack")
@@ -91,13 +91,6 @@ DRILL_PARAMETERS: dict[str, dict[str, Any]] = {
 
 class StackError(Exception):
     """A part of the stack did not start (or stop) in time."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free right now on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], Any], *, timeout_s: float, what: str, interval_s: float = 0.2) -> Any:

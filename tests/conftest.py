@@ -19,7 +19,6 @@ os.environ.setdefault("FD_RETRY_DELAYS_S", "[0.05, 0.1, 0.2]")
 
 import pytest
 import redis as redis_lib
-import sqlalchemy as sa
 
 from tasks.connections import reset_connections
 from tasks.settings import Settings
@@ -86,21 +85,12 @@ def redis(settings: Settings) -> redis_lib.Redis:
 
 @pytest.fixture(scope="session")
 def pg_database_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this session (dropped at the end)."""
-    name = f"fd_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    reset_connections()
-    with admin.connect() as conn:
-        conn.execute(
-            sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"),
-            {"n": name},
-        )
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+    """A fresh PostgreSQL database for this session (dropped at the end, our pooled connections closed first)."""
+    from sandbox.scratch import scratch_database
+
+    with scratch_database(prefix="fd_test", admin_url=PG_ADMIN_URL) as url:
+        yield url
+        reset_connections()
 
 
 @pytest.fixture(scope="session")

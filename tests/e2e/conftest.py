@@ -2,7 +2,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import httpx
 import pytest
 import redis as redis_lib
 
+from sandbox.scratch import free_port, scratch_database
 from tasks.settings import Settings
 from tests.conftest import PG_ADMIN_URL, REDIS_URL
 
@@ -36,12 +36,6 @@ def claim_settings() -> Iterator[Settings]:
     if keys:
         client.delete(*keys)
     client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -117,21 +111,9 @@ class PrefectServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-@contextlib.contextmanager
-def scratch_postgres() -> Iterator[str]:
+def scratch_postgres() -> contextlib.AbstractContextManager[str]:
     """A fresh PostgreSQL database for a Prefect server (asyncpg URL), dropped afterwards."""
-    import sqlalchemy as sa
-
-    name = f"fd_prefect_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+asyncpg://{PG_ADMIN_URL.split('://', 1)[1].rsplit('/', 1)[0]}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    return scratch_database(prefix="fd_prefect", admin_url=PG_ADMIN_URL, driver="asyncpg")
 
 
 @pytest.fixture(scope="module")

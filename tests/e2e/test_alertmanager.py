@@ -4,7 +4,6 @@ bridge (Bearer token from a file), and the alert arrives as an event in the sess
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -18,6 +17,7 @@ import yaml
 from prefect.settings import PREFECT_API_URL
 
 from deployments.bridge import BackgroundBridge, BridgeSettings, PrefectTarget, create_app
+from sandbox.scratch import free_port
 from tests.integration.test_bridge import EventStream
 from tests.polling import wait_for
 
@@ -32,12 +32,6 @@ pytestmark = [
         reason="Alertmanager not installed (Debian: apt-get install prometheus-alertmanager; .ci/run installs it)",
     ),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Alertmanager:

@@ -27,7 +27,8 @@ import redis as redis_lib
 
 from deployments.bridge import BackgroundBridge, BridgeSettings, create_app
 from deployments.serve import PROJECT_ROOT
-from sandbox.stack import ChildProcess, free_port, settings_env
+from sandbox.scratch import free_port
+from sandbox.stack import ChildProcess, settings_env
 from tests.e2e.conftest import scratch_postgres
 from tests.e2e.test_work_pool import (
     DEPLOYMENT,

@@ -36,7 +36,8 @@ from prefect.client.schemas.filters import (
 
 from deployments.bridge import BackgroundBridge, BridgeSettings, create_app
 from deployments.serve import PREFECT_YAML, PROJECT_ROOT
-from sandbox.stack import ChildProcess, free_port, settings_env
+from sandbox.scratch import free_port
+from sandbox.stack import ChildProcess, settings_env
 from tests.integration import _recovery_fixtures as fx
 from tests.integration._recovery_fixtures import ReplacementConsumer, deletions, queue_state, worker_pods
 from tests.integration.test_worker_crash import crash_scene

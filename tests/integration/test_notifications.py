@@ -4,7 +4,6 @@ through a real ``Custom Webhook`` block to a local HTTP receiver; we assert what
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from prefect.states import Crashed, Running
 from pydantic import SecretStr
 
 from deployments.notifications import apply_notifications, automation_names, block_names
+from sandbox.scratch import free_port
 from tasks.outcome import ActionStatus, Outcome, RecoveryResult
 from tasks.report import OUTCOME_EVENT, conclude, recording
 from tasks.settings import Settings
@@ -191,15 +191,9 @@ def test_a_crashed_recovery_run_notifies(notify_settings, receiver):
     assert body["subject"] == f"FerrumDeck recovery crashed: {TEST_FLOW} ({run.name})"
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_a_notification_endpoint_that_is_down_does_not_fail_the_recovery(notify_settings, receiver):
     """The server sends notifications: a dead endpoint neither fails the run nor stops the other endpoints."""
-    down = Settings(notify_webhook_url=SecretStr(f"http://127.0.0.1:{closed_port()}/down"),
+    down = Settings(notify_webhook_url=SecretStr(f"http://127.0.0.1:{free_port()}/down"),
                     notify_name_prefix=f"fdtest-{uuid.uuid4().hex[:8]}")
     try:
         apply_notifications(down)

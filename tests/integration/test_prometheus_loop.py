@@ -306,7 +306,8 @@ def test_an_exporter_that_is_down_and_an_alertmanager_out_of_reach_are_named_and
     """A second loop whose redis exporter watches a Redis that is not there, is then killed, and whose
     Alertmanager is killed: Prometheus goes on, ``problems()`` names each in words, and the recovery system's
     RecoveryDetectionBlind expression (real Prometheus, real exporter output) names the blind source."""
-    from sandbox.observability import PROMETHEUS_DIR, free_port
+    from sandbox.observability import PROMETHEUS_DIR
+    from sandbox.scratch import free_port
 
     rules = yaml.safe_load((PROMETHEUS_DIR / "recovery-system-alerts.yaml").read_text())
     [blind] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r["alert"] == "RecoveryDetectionBlind"]

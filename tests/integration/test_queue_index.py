@@ -9,7 +9,6 @@ counted inside Redis (no entry travels to the client) and kept up to date from w
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import threading
 import time
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 import redis as redis_lib
 
+from sandbox.scratch import free_port
 from tasks import queue
 from tasks.connections import redis_client
 from tasks.queue import (
@@ -69,16 +69,10 @@ def assert_index_matches(redis: redis_lib.Redis, settings: Settings) -> None:
 # ------------------------------------------------------------------- a private redis-server, watched
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def private_redis(tmp_path) -> Iterator[str]:
     """A redis-server of this test's own (MONITOR sees only our commands); stopped afterwards."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(tmp_path)],
