@@ -1,4 +1,5 @@
-"""Serve an ASGI app in-process on a free (or given) port, in its own thread: the bridge, the sandbox, tests.
+"""Serve an ASGI app in-process on a free (or given) port, in its own thread: the bridge, the sandbox, tests;
+and ``serve_probes``: a few GET paths for probes and scrapes (serve's /health and /metrics, watch's /healthz).
 
 Product infrastructure: the alert bridge runs on it in production (``fd-recovery bridge``); the sandbox and the
 tests reuse it from here (never the other way round).
@@ -9,7 +10,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import uvicorn
 
@@ -108,3 +112,33 @@ class BackgroundApp:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: one GET path's answer, from the request's headers (looked up case-insensitively): (status, content type, body)
+Probe = Callable[[Message], tuple[int, str, bytes]]
+
+
+def serve_probes(probes: dict[str, Probe], *, host: str, port: int, name: str) -> ThreadingHTTPServer:
+    """A threaded stdlib HTTP server answering GET on each path of ``probes`` (query and trailing slash ignored),
+    404 elsewhere, with no access log (probes come every few seconds); started in a daemon thread ``name``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            probe = probes.get(self.path.split("?")[0].rstrip("/") or "/")
+            if probe is None:
+                self.send_error(404)
+                return
+            status, content_type, body = probe(self.headers)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    return server
+

@@ -72,7 +72,8 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
+from http.server import ThreadingHTTPServer
 from typing import Any
 from uuid import UUID
 
@@ -103,6 +104,7 @@ from prefect.settings import (
 from prefect.states import Cancelled, Crashed, Pending
 from pydantic import BaseModel
 
+from deployments.http_server import serve_probes
 from tasks.settings import Settings, get_settings
 
 log = get_logger("runner.inprocess")
@@ -736,34 +738,17 @@ def start_health_server(
     port = settings.server.port if port is None else port
     started = time.monotonic()
 
-    class Health(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            path = self.path.split("?")[0]
-            if path == "/metrics":  # our own metrics (tasks/metrics.py): runs in this process + state read on scrape
-                from tasks.metrics import exposition
+    def health(_headers: Message) -> tuple[int, str, bytes]:
+        if time.monotonic() - (runner.last_polled or started) <= threshold:
+            return 200, "application/json", b'{"message": "OK"}'
+        return 503, "application/json", b'{"message": "Runner is unresponsive at this time"}'
 
-                body, content_type = exposition(self.headers.get("Accept"))
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                return
-            if path != "/health":
-                self.send_error(404)
-                return
-            healthy = time.monotonic() - (runner.last_polled or started) <= threshold
-            body = b'{"message": "OK"}' if healthy else b'{"message": "Runner is unresponsive at this time"}'
-            self.send_response(200 if healthy else 503)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def metrics(headers: Message) -> tuple[int, str, bytes]:
+        from tasks.metrics import exposition  # runs in this process + state read on scrape
 
-        def log_message(self, *args: Any) -> None:  # probes every few seconds: not worth a log line
-            pass
+        body, content_type = exposition(headers.get("Accept"))
+        return 200, content_type, body
 
-    server = ThreadingHTTPServer((host, port), Health)
-    threading.Thread(target=server.serve_forever, name="runner-health", daemon=True).start()
+    server = serve_probes({"/health": health, "/metrics": metrics}, host=host, port=port, name="runner-health")
     log.info("health check on http://%s:%d/health", host, server.server_address[1])
     return server

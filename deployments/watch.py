@@ -38,14 +38,16 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.message import Message
 from enum import StrEnum
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Literal
 
 import httpx
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from deployments.http_server import serve_probes
 from tasks.kube_diagnosis import Classification, PodInfo, diagnosis, pod_info
 from tasks.settings import Settings
 
@@ -898,27 +900,13 @@ class Watcher:
 
 
 def _health_server(watcher: Watcher, events: PrefectEvents | None, host: str, port: int) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path.rstrip("/") != "/healthz":
-                self.send_error(404)
-                return
-            ok, detail = watcher.health()
-            if events is not None:
-                detail |= {"buffered": events.buffered, "sent": events.sent, "dropped": events.dropped}
-            body = json.dumps({"status": "ok" if ok else "unhealthy", **detail}).encode()
-            self.send_response(200 if ok else 503)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def healthz(_headers: Message) -> tuple[int, str, bytes]:
+        ok, detail = watcher.health()
+        if events is not None:
+            detail |= {"buffered": events.buffered, "sent": events.sent, "dropped": events.dropped}
+        return 200 if ok else 503, "application/json", json.dumps({"status": "ok" if ok else "unhealthy", **detail}).encode()
 
-        def log_message(self, *args: Any) -> None:  # probes every few seconds: not worth a log line
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    threading.Thread(target=server.serve_forever, name="fd-watch-health", daemon=True).start()
-    return server
+    return serve_probes({"/healthz": healthz}, host=host, port=port, name="fd-watch-health")
 
 
 @contextlib.contextmanager

@@ -224,6 +224,26 @@ def test_redis_down_is_survived(start, kube_settings, cluster, recorder, redis):
     wait_for(lambda: recorder.of("ferrumdeck.pod.crash-looping", a), what="crash-looping while Redis is down")
 
 
+def test_healthz_is_ok_while_the_watcher_runs_and_503_once_it_stopped(start):
+    """What the watcher Deployment's probes read: GET /healthz (its counts in the body), 404 elsewhere."""
+    import httpx
+
+    from deployments.watch import _health_server
+
+    w = start()
+    server = _health_server(w, None, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        ok = httpx.get(f"{url}/healthz", timeout=5)
+        assert ok.status_code == 200 and ok.json()["status"] == "ok" and "loop_age_s" in ok.json()
+        assert httpx.get(f"{url}/other", timeout=5).status_code == 404
+        w.stop()
+        gone = httpx.get(f"{url}/healthz/", timeout=5)
+        assert gone.status_code == 503 and gone.json()["status"] == "unhealthy"
+    finally:
+        server.shutdown()
+
+
 def test_every_request_is_allowed_by_the_watchers_role_and_every_grant_is_used(start, cluster, core):
     w = start(watch_timeout_s=1)
     cluster.compact()
