@@ -58,6 +58,7 @@ from pydantic import BaseModel, Field
 
 from sandbox.stack import StackError, wait_until
 from tasks.connections import db_engine
+from tasks.correlate import pod_of_consumer
 from tasks.runs import tables
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -538,17 +539,16 @@ def orphaned_consumers(stack: Any) -> dict[str, int]:
             if c["pending"] and c["name"] not in pods}
 
 
-def pod_of_consumer(stack: Any, consumer: str) -> str | None:
-    """The pod whose consumer this is (``FD_CONSUMER_NAME_TEMPLATE`` read backwards), or None."""
-    prefix, sep, suffix = stack.flow_settings.consumer_name_template.partition("{pod}")
-    if not sep or not consumer.startswith(prefix) or not consumer.endswith(suffix):
-        return None
-    return consumer[len(prefix): len(consumer) - len(suffix)] or None
+def dlq_since(at: datetime) -> str:
+    """The first DLQ entry id at or after ``at`` (DLQ entry ids are their dead-letter times)."""
+    return f"{int(at.timestamp() * 1000)}-0"
 
 
-def dead_lettered(stack: Any, step_id: str) -> dict[str, Any] | None:
-    """The DLQ entry of ``step_id`` (its fields), read with a plain XRANGE of the DLQ stream; None if absent."""
-    for _entry_id, fields in _xrange_pages(stack.services.redis, stack.flow_settings.dlq_stream):
+def dead_lettered(stack: Any, step_id: str, *, since: datetime) -> dict[str, Any] | None:
+    """The DLQ entry of ``step_id`` dead-lettered since ``since`` (its fields), read with a plain XRANGE of that
+    part of the DLQ stream (not its whole history); None if absent."""
+    for _entry_id, fields in _xrange_pages(stack.services.redis, stack.flow_settings.dlq_stream,
+                                           start=dlq_since(since)):
         if _entry_step(fields) == step_id:
             return fields
     return None
@@ -696,9 +696,7 @@ class Drill:
         self.result.checks["orphaned_consumers"] = orphans
         if self.detect == "watch":
             for consumer in sorted(orphans):
-                pod = pod_of_consumer(self.stack, consumer)
-                if pod is None:
-                    continue
+                pod = pod_of_consumer(consumer, consumer_for_pod=self.stack.flow_settings.consumer_for_pod)
                 try:
                     # the watcher reports a deleted pod holding entries at once (unless a recovery of that pod
                     # is under way: then it waits for its re-emit interval; the drill does not)
@@ -889,12 +887,13 @@ def scenario_hang(d: Drill) -> None:
 def scenario_poison(d: Drill) -> None:
     seen = set(d.services.pool.crashed())
     d.fault()
+    assert d.fault_dt is not None
     poison = d.services.poison(count=1)[0]
     d.say(f"    +{d.since():5.1f}s fault: poison step {poison.step_id} enqueued (crashes whichever worker takes it)")
     deadline = time.monotonic() + 240
     crashes = 0
     while True:
-        entry = dead_lettered(d.stack, poison.step_id)
+        entry = dead_lettered(d.stack, poison.step_id, since=d.fault_dt)
         if entry is not None:
             deliveries = int(entry["deliveries"]) if str(entry.get("deliveries") or "").isdigit() else None
             d.result.checks["poison_dead_lettered_after_deliveries"] = deliveries
@@ -913,10 +912,8 @@ def scenario_poison(d: Drill) -> None:
     d.result.checks["workers_crashed_by_poison"] = crashes
     if d.result.checks["poison_dead_lettered_after_deliveries"] != 3:
         d.result.problems.append("poison step not dead-lettered after exactly 3 deliveries")
-    assert d.fault_dt is not None
-    since = f"{int(d.fault_dt.timestamp() * 1000)}-0"  # DLQ entry ids are their dead-letter times
     others = sorted({_entry_step(f) for _i, f in _xrange_pages(d.services.redis, d.stack.flow_settings.dlq_stream,
-                                                                start=since)} - {poison.step_id})
+                                                                start=dlq_since(d.fault_dt))} - {poison.step_id})
     d.result.checks["other_steps_dead_lettered"] = len(others)
     if others:
         d.result.notes.append(f"{len(others)} other step(s) dead-lettered with the poison (delivered 3 times with it "
