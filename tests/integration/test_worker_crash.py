@@ -258,11 +258,16 @@ def test_three_concurrent_runs_for_the_same_pod_recover_it_once(env, cluster, re
     qs = queue_state(redis, s)
     assert len([1 for _, f in qs["stream"] if f.get("attempts")]) == 4 and len(qs["dlq"]) == 1
     typed = [result_of(state) for state in results]
-    acted = [r for r in typed if r.actions and r.actions[0].status is ActionStatus.DONE]
-    assert len(acted) == 1 and acted[0].targets[0].requeued == 4
-    for r in (r for r in typed if r not in acted):  # refused by the per-pod cooldown (or found nothing left)
+    # every change is made by one run only (the runs race: the one that moved the entries is not always the one
+    # that won the pod's deletion; each action is guarded and idempotent, so nothing is done twice)
+    done = [(x.kind, x.target) for r in typed for x in r.actions if x.status is ActionStatus.DONE]
+    assert len(done) == len(set(done)) and {("recover-entries", a), ("delete-pod", a)} <= set(done)
+    assert sum(t.requeued for r in typed for t in r.targets) == 4
+    idle = [r for r in typed if not any(x.status is ActionStatus.DONE for x in r.actions)]
+    for r in idle:  # refused by the per-pod cooldown (or found nothing left)
         assert r.outcome in (Outcome.REFUSED, Outcome.NOTHING_TO_DO)
-        assert all(x.status is ActionStatus.REFUSED and "cooldown" in x.detail for x in r.actions)
+        assert all((x.status is ActionStatus.REFUSED and "cooldown" in x.detail) or x.status is ActionStatus.UNCHANGED
+                   for x in r.actions)
 
 
 def test_a_consumer_whose_pod_is_gone_is_recovered_without_a_pod_action(env, cluster, redis):
